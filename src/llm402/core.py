@@ -1,0 +1,530 @@
+"""The call flow as a state machine with no I/O (the sans-IO pattern).
+
+`call_flow` is a generator: it yields *effects* (reserve, send, sign, deliver, answer, finish) and receives their
+results; a transport performs them. httpx and httpx2, sync and async, all drive this one machine, so every rule that
+protects money lives here once: policy before traffic, reserve before send, one signature per challenge per logical
+call, one replay, ``x-should-retry: false`` after a payment, reconcile on every ending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+from .budget.base import DEFAULT_RESERVATION_TTL, Caps, Hold
+from .errors import (
+    REFUSAL_HEADER,
+    InsecureGateway,
+    MalformedPaymentRequired,
+    PaymentOutcomeUnknown,
+    PaymentRejected,
+    PaymentRequiredError,
+    PolicyRefusal,
+)
+from .metering import Usage
+from .money import format_usd, usd_to_atomic
+from .policy import Policy
+from .pricing import PriceCatalog, estimate_cost
+from .receipts import PaymentRecord, Receipt
+from .x402 import (
+    Challenge,
+    Requirement,
+    Settlement,
+    SignedPayment,
+    decode_settlement,
+    parse_challenge,
+    select_requirement,
+)
+
+_GEMINI_PATH = re.compile(r"/models/([^/:]+):(?:generateContent|streamGenerateContent)$")
+REUSE_MARGIN_SECONDS = 5.0
+_MICRO = Decimal("0.000001")
+TESTNET_CHAIN_IDS = frozenset({84532, 11155111, 421614, 11155420, 80002, 43113, 97, 4002, 1337, 31337})
+
+
+# --- what the flow asks for ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """Status and headers of a response; ``body`` only for a 402 (read, bounded) so it can be parsed."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """How a delivered response body ended."""
+
+    usage: Usage | None
+    aborted: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """Reserve in the ledger (atomic; may raise `BudgetExceeded`)."""
+
+    hold: Hold
+    caps: Caps
+
+
+@dataclass(frozen=True, slots=True)
+class Grow:
+    """Raise the reservation to a quoted amount (may raise `BudgetExceeded`)."""
+
+    call_id: str
+    amount: int
+    caps: Caps
+
+
+@dataclass(frozen=True, slots=True)
+class Sign:
+    """Sign the chosen requirement (may raise `SignerError`)."""
+
+    challenge: Challenge
+    requirement: Requirement
+    resource_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expose:
+    """Record that a signed payment is outstanding until ``valid_before``."""
+
+    call_id: str
+    amount: int
+    valid_before: float
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send the request with these headers set and this body; the result is a `Head`."""
+
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand the last response to the caller with these headers added, metering its body; resumes with `StreamEnd`."""
+
+    headers: Mapping[str, str]
+    strip_usage_event: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Answer the caller locally, without (further) network traffic."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @classmethod
+    def refusal(cls, error: PaymentRequiredError) -> Answer:
+        """The local 402 envelope for a refusal."""
+        return cls(
+            402,
+            {"content-type": "application/json", "x-should-retry": "false", REFUSAL_HEADER: error.code},
+            json.dumps(error.envelope()).encode(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Settle the reservation to ``actual`` (``reserved=False``: nothing was reserved) and publish the receipt."""
+
+    call_id: str
+    actual: int
+    receipt: Receipt
+    reserved: bool = True
+
+
+Effect = Reserve | Grow | Sign | Expose | Send | Deliver | Answer | Finish
+
+
+# --- the request as the flow sees it ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """One outgoing request, read once by the transport."""
+
+    method: str
+    url: str
+    body: bytes
+    json: Mapping[str, Any] | None
+    model: str | None
+    streaming: bool
+    fingerprint: str
+
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port]."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def path(self) -> str:
+        """The URL path."""
+        return urlsplit(self.url).path
+
+
+def describe_request(method: str, url: str, content_type: str | None, body: bytes) -> CallRequest:
+    """Read what the flow needs from a request: its JSON, model and whether it streams."""
+    data: Mapping[str, Any] | None = None
+    if body and (content_type is None or "json" in content_type):
+        try:
+            parsed = json.loads(body)
+            data = parsed if isinstance(parsed, Mapping) else None
+        except ValueError:
+            data = None
+    model = data.get("model") if data is not None else None
+    path = urlsplit(url).path
+    if not isinstance(model, str):
+        match = _GEMINI_PATH.search(path)
+        model = match.group(1) if match else None
+    streaming = bool(data and data.get("stream") is True) or path.endswith(":streamGenerateContent")
+    digest = hashlib.sha256(method.encode() + b" " + url.encode() + b"\n" + body).hexdigest()
+    return CallRequest(method, url, body, data, model, streaming, digest)
+
+
+def with_usage_requested(call: CallRequest) -> tuple[bytes, bool]:
+    """Add ``stream_options.include_usage`` to a streamed chat request that lacks it (so it can be metered)."""
+    data = call.json
+    if not call.streaming or data is None or not call.path.endswith("/chat/completions"):
+        return call.body, False
+    options = data.get("stream_options")
+    if isinstance(options, Mapping) and options.get("include_usage") is not None:
+        return call.body, False
+    merged = {
+        **data,
+        "stream_options": {**(options if isinstance(options, Mapping) else {}), "include_usage": True},
+    }
+    return json.dumps(merged, separators=(",", ":")).encode(), True
+
+
+# --- payments whose outcome is unknown ------------------------------------------------------------------------
+
+
+class PaymentMemory:
+    """Signed payments by request fingerprint. A retry of a call whose paid attempt failed without a clear answer
+    re-sends the same authorization (its nonce makes a second settlement impossible); it never signs another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[SignedPayment, bool]] = {}
+
+    def remember(self, fingerprint: str, payment: SignedPayment) -> None:
+        """A payment was signed for this request (outcome pending)."""
+        with self._lock:
+            now = time.time()
+            for key in [k for k, (p, _) in self._entries.items() if p.valid_before < now]:
+                del self._entries[key]
+            self._entries[fingerprint] = (payment, False)
+
+    def mark_unknown(self, fingerprint: str) -> None:
+        """The paid attempt ended without a usable answer: a retry may re-send this payment."""
+        with self._lock:
+            entry = self._entries.get(fingerprint)
+            if entry is not None:
+                self._entries[fingerprint] = (entry[0], True)
+
+    def forget(self, fingerprint: str) -> None:
+        """The paid attempt got its answer (or a definite refusal)."""
+        with self._lock:
+            self._entries.pop(fingerprint, None)
+
+    def reusable(self, fingerprint: str, now: float) -> SignedPayment | None:
+        """The payment to re-send for a retry, if one is outstanding and still valid."""
+        with self._lock:
+            entry = self._entries.get(fingerprint)
+            if entry is None or not entry[1]:
+                return None
+            if entry[0].valid_before - REUSE_MARGIN_SECONDS <= now:
+                del self._entries[fingerprint]
+                return None
+            return entry[0]
+
+
+# --- configuration the flow reads ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FlowConfig:
+    """Everything the flow reads. Plain values and pure lookups: no sockets, files or ledgers."""
+
+    agent: str
+    intent: str | None
+    policy: Policy
+    prices: PriceCatalog = field(default_factory=PriceCatalog)
+    payments: PaymentMemory = field(default_factory=PaymentMemory)
+    clock: Callable[[], float] = time.time
+    cost_header: bool = True
+    reservation_ttl: float = DEFAULT_RESERVATION_TTL
+    route: str | None = None
+
+    def caps(self) -> Caps:
+        """The policy's caps in micro-USDC."""
+        return Caps(self.policy.daily_cap, self.policy.total_budget, self.policy.global_cap)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport_security(url: str, network: str, policy: Policy) -> None:
+    """Refuse to pay on a real network over plain HTTP to a non-loopback host (unless the policy opts in)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" or policy.allow_insecure_http or _is_loopback(parts.hostname or ""):
+        return
+    chain = int(network.split(":", 1)[1]) if network.startswith("eip155:") else 0
+    if chain in TESTNET_CHAIN_IDS:
+        return
+    raise InsecureGateway(
+        f"refusing to pay on {network} over plain HTTP to {parts.hostname}; use https or set allow_insecure_http",
+        network=network,
+    )
+
+
+def _usage_cost(cfg: FlowConfig, model: str | None, usage: Usage | None) -> int | None:
+    if usage is None:
+        return None
+    if usage.cost_usd is not None:
+        return usd_to_atomic(usage.cost_usd.quantize(_MICRO, rounding=ROUND_CEILING))
+    price = cfg.prices.lookup(model)
+    return None if price is None else price.cost(usage.prompt_tokens, usage.completion_tokens)
+
+
+def _payment_record(payment: SignedPayment, settlement: Settlement | None, *, reused: bool) -> PaymentRecord:
+    req = payment.requirement
+    return PaymentRecord(
+        scheme=req.scheme,
+        network=req.network,
+        asset=req.asset,
+        amount=payment.amount,
+        payer=payment.payer,
+        payee=req.pay_to,
+        transaction=settlement.transaction if settlement else None,
+        settled=settlement.success if settlement else None,
+        reused=reused,
+    )
+
+
+# --- the flow ------------------------------------------------------------------------------------------------
+
+
+def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None]:
+    """One logical call, from policy check to receipt."""
+    started = cfg.clock()
+    call_id = uuid.uuid4().hex
+    day = datetime.fromtimestamp(started, UTC).date().isoformat()
+    caps = cfg.caps()
+
+    def receipt(**fields: Any) -> Receipt:
+        return Receipt(
+            call_id=call_id,
+            agent=cfg.agent,
+            intent=cfg.intent,
+            gateway=call.origin,
+            method=call.method,
+            path=call.path,
+            model=call.model,
+            streamed=call.streaming,
+            started_at=started,
+            latency_ms=round((cfg.clock() - started) * 1000, 3),
+            route=cfg.route,
+            **fields,
+        )
+
+    # 1. policy, before any traffic
+    try:
+        cfg.policy.check_call(cfg.intent, call.model)
+    except PolicyRefusal as refusal:
+        yield Finish(call_id, 0, receipt(status=402, error=refusal.code), reserved=False)
+        yield Answer.refusal(refusal)
+        return
+
+    # 2. a retry of a call whose payment is outstanding re-sends that payment, and reserves nothing new
+    payment = cfg.payments.reusable(call.fingerprint, started)
+    reused = payment is not None
+    estimate = 0 if reused else estimate_cost(cfg.prices.lookup(call.model), call.json)
+    try:
+        yield Reserve(Hold(call_id, cfg.agent, day, estimate, started + cfg.reservation_ttl, cfg.intent), caps)
+    except PolicyRefusal as refusal:
+        yield Finish(call_id, 0, receipt(status=402, error=refusal.code), reserved=False)
+        yield Answer.refusal(refusal)
+        return
+    reserved = estimate
+
+    body, injected = with_usage_requested(call)
+    headers: dict[str, str] = {"accept-encoding": "identity"}
+    if payment is not None:
+        headers[payment.header_name] = payment.header_value
+
+    def failed(exc: BaseException, status: int | None = None) -> Finish:
+        """A paid attempt that ended without an answer counts the payment as spent (it may have settled)."""
+        cost = payment.amount if payment is not None and not reused else 0
+        if payment is not None:
+            cfg.payments.mark_unknown(call.fingerprint)
+        record = _payment_record(payment, None, reused=reused) if payment is not None else None
+        return Finish(
+            call_id,
+            cost,
+            receipt(status=status, error=type(exc).__name__, cost=cost, reserved=reserved, payment=record),
+        )
+
+    try:
+        head: Head = yield Send(headers, body)
+    except BaseException as exc:
+        yield failed(exc)
+        raise
+
+    # 3. the 402 dance: parse, select under policy, grow the reservation, sign, replay once
+    if head.status == 402 and reused:
+        lost = PaymentOutcomeUnknown(
+            "a payment for this call was already sent and its answer was lost; llm402 will not pay twice",
+            gateway_reason=_reason(head),
+        )
+        cfg.payments.forget(call.fingerprint)
+        yield Finish(call_id, 0, receipt(status=402, error=lost.code, reserved=reserved))
+        yield Answer.refusal(lost)
+        return
+    challenge: Challenge | None = None
+    if head.status == 402:
+        try:
+            challenge = parse_challenge(head.headers, head.body or b"")
+            if challenge is not None:
+                requirement = select_requirement(challenge, cfg.policy)
+                check_transport_security(call.url, requirement.network, cfg.policy)
+                if requirement.amount > reserved:
+                    yield Grow(call_id, requirement.amount, caps)
+                    reserved = requirement.amount
+                payment = yield Sign(challenge, requirement, call.url)
+        except (PaymentRequiredError, MalformedPaymentRequired) as refusal:
+            yield Finish(call_id, 0, receipt(status=402, error=refusal.code, reserved=reserved))
+            yield Answer.refusal(refusal)
+            return
+        if payment is not None:
+            cfg.payments.remember(call.fingerprint, payment)
+            yield Expose(call_id, payment.amount, payment.valid_before)
+            headers[payment.header_name] = payment.header_value
+            try:
+                head = yield Send(headers, body)
+            except BaseException as exc:
+                yield failed(exc)
+                raise
+            if head.status == 402 or 300 <= head.status < 400:
+                redirected = head.status != 402
+                rejection = PaymentRejected(
+                    "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere"
+                    if redirected
+                    else f"the gateway refused the signed payment of {format_usd(payment.amount)}: {_reason(head)}",
+                    code="payment_redirected" if redirected else "payment_rejected",
+                    gateway_reason=_reason(head),
+                    amount=payment.amount,
+                )
+                if redirected:
+                    cfg.payments.mark_unknown(call.fingerprint)
+                else:
+                    cfg.payments.forget(call.fingerprint)
+                cost = payment.amount if redirected else 0
+                yield Finish(
+                    call_id,
+                    cost,
+                    receipt(
+                        status=head.status,
+                        error=rejection.code,
+                        cost=cost,
+                        reserved=reserved,
+                        payment=_payment_record(payment, None, reused=False),
+                    ),
+                )
+                yield Answer.refusal(rejection)
+                return
+
+    # 4. hand the response over, metering it on the way
+    settlement = decode_settlement(head.headers) if payment is not None else None
+    extra: dict[str, str] = {}
+    if payment is not None:
+        extra["x-should-retry"] = "false"
+        if cfg.cost_header and not reused:
+            extra["llm402-cost"] = str(payment.amount)
+    end: StreamEnd = yield Deliver(extra, strip_usage_event=injected)
+
+    # 5. reconcile to what was really charged, and leave a receipt
+    ok = 200 <= head.status < 300
+    usage = end.usage
+    if payment is not None:
+        if ok and not end.aborted:
+            cfg.payments.forget(call.fingerprint)
+        else:
+            cfg.payments.mark_unknown(call.fingerprint)
+        settled = settlement.amount if settlement and settlement.success and settlement.amount is not None else None
+        actual = 0 if reused else min(settled, payment.amount) if settled is not None else payment.amount
+    else:
+        metered = _usage_cost(cfg, call.model, usage)
+        if metered is not None and ok:
+            actual = metered
+        elif ok and end.aborted:
+            actual = reserved  # invariant 5: an aborted stream without usage reconciles by its reservation
+        else:
+            actual = 0
+    error = end.error or (None if ok else f"http_{head.status}")
+    yield Finish(
+        call_id,
+        actual,
+        receipt(
+            status=head.status,
+            cost=actual,
+            reserved=reserved,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            payment=_payment_record(payment, settlement, reused=reused) if payment is not None else None,
+            error=error,
+            credits_remaining=str(usage.credits_remaining) if usage and usage.credits_remaining is not None else None,
+        ),
+    )
+
+
+def _reason(head: Head) -> str:
+    """The gateway's own words for a refusal (a short, secret-free string)."""
+    for name in ("x-sandbox-refusal",):
+        if head.headers.get(name):
+            return str(head.headers[name])[:200]
+    try:
+        challenge = parse_challenge(head.headers, head.body or b"")
+    except PaymentRequiredError:
+        challenge = None
+    if challenge is not None and challenge.error:
+        return challenge.error[:200]
+    if head.body:
+        try:
+            data = json.loads(head.body)
+        except ValueError:
+            return head.body[:200].decode(errors="replace")
+        if isinstance(data, Mapping):
+            err = data.get("error")
+            if isinstance(err, Mapping):
+                return str(err.get("code") or err.get("message"))[:200]
+            if err:
+                return str(err)[:200]
+    return f"HTTP {head.status}"

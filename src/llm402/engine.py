@@ -1,0 +1,130 @@
+"""`Engine`: performs the flow's non-HTTP effects (ledger, signer, receipts). Shared by every transport."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Generator
+from typing import Any
+
+from .budget.base import Ledger
+from .core import (
+    Answer,
+    CallRequest,
+    Deliver,
+    Effect,
+    Expose,
+    Finish,
+    FlowConfig,
+    Grow,
+    Reserve,
+    Send,
+    Sign,
+    call_flow,
+)
+from .receipts import Receipt, current_receipt
+from .wallet import Signer
+from .x402 import sign_payment
+
+log = logging.getLogger("llm402")
+
+ReceiptListener = Callable[[Receipt], None]
+IOEffect = Send | Deliver | Answer
+
+
+class Engine:
+    """Runs `call_flow` for one gateway: its config, ledger and signer, and where receipts go."""
+
+    def __init__(
+        self,
+        config: FlowConfig,
+        ledger: Ledger,
+        signer: Signer | None,
+        placeholder_api_key: str | None = None,
+    ) -> None:
+        self.config = config
+        self.placeholder_auth = f"Bearer {placeholder_api_key}" if placeholder_api_key else None
+        self.ledger = ledger
+        self.signer = signer
+        self.last_receipt: Receipt | None = None
+        self._listeners: list[ReceiptListener] = []
+        self._lock = threading.Lock()
+
+    def add_listener(self, listener: ReceiptListener) -> None:
+        """Call ``listener`` with every receipt (adapters use this for cost callbacks)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: ReceiptListener) -> None:
+        """Stop calling ``listener``."""
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def flow(self, call: CallRequest) -> Generator[Effect, Any, None]:
+        """A new flow for one request."""
+        return call_flow(self.config, call)
+
+    def perform(self, effect: Effect) -> Any:
+        """Carry out a non-HTTP effect."""
+        if isinstance(effect, Reserve):
+            self.ledger.reserve(effect.hold, effect.caps)
+            return None
+        if isinstance(effect, Grow):
+            self.ledger.grow(effect.call_id, effect.amount, effect.caps)
+            return None
+        if isinstance(effect, Sign):
+            if self.signer is None:
+                from .errors import SignerError
+
+                raise SignerError("the gateway asked for a payment and no wallet is configured", code="no_wallet")
+            return sign_payment(effect.challenge, effect.requirement, self.signer, effect.resource_url)
+        if isinstance(effect, Expose):
+            self.ledger.expose(effect.call_id, effect.amount, effect.valid_before)
+            return None
+        if isinstance(effect, Finish):
+            self._finish(effect)
+            return None
+        raise TypeError(f"not a ledger or signer effect: {type(effect).__name__}")
+
+    def _finish(self, effect: Finish) -> None:
+        receipt = effect.receipt
+        if effect.reserved:
+            self.ledger.settle(effect.call_id, effect.actual, receipt)
+        else:
+            self.ledger.record(receipt)
+        self.last_receipt = receipt
+        current_receipt.set(receipt)
+        log.debug(
+            "llm402 call %s %s model=%s status=%s cost=%d error=%s",
+            receipt.method,
+            receipt.path,
+            receipt.model,
+            receipt.status,
+            receipt.cost,
+            receipt.error,
+        )
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(receipt)
+            except Exception:  # a listener must never break a paid call
+                log.exception("llm402 receipt listener failed")
+
+    def advance(
+        self, flow: Generator[Effect, Any, None], value: Any = None, error: BaseException | None = None
+    ) -> IOEffect | None:
+        """Resume ``flow`` and run it until it needs HTTP (`Send`, `Deliver`, `Answer`) or ends (``None``)."""
+        while True:
+            try:
+                effect = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration:
+                return None
+            value, error = None, None
+            if isinstance(effect, Send | Deliver | Answer):
+                return effect
+            try:
+                value = self.perform(effect)
+            except Exception as exc:
+                error = exc

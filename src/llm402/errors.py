@@ -1,0 +1,145 @@
+"""Typed errors. Refusals travel as a local 402 envelope and are rebuilt here on the caller's side.
+
+A refusal is never retried: the envelope carries ``x-should-retry: false`` and every error names what was refused
+and why, with the amounts involved, and never a secret.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+REFUSAL_HEADER = "x-llm402-refusal"
+
+
+class Llm402Error(Exception):
+    """Base class of every error llm402 raises."""
+
+    code: ClassVar[str] = "llm402_error"
+
+
+class ConfigurationError(Llm402Error, ValueError):
+    """A policy, URL, key or option is invalid; the message names the field and the problem."""
+
+    code = "configuration_error"
+
+
+class WalletError(Llm402Error):
+    """The wallet could not be loaded or could not sign (messages never contain key material)."""
+
+    code = "wallet_error"
+
+
+class PaymentRequiredError(Llm402Error):
+    """A call that was not paid: refused locally, or the gateway's payment flow failed.
+
+    ``details`` holds machine-readable facts (amounts in micro-USDC, the gateway's reason, ...).
+    """
+
+    code = "payment_required"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        self.details: dict[str, Any] = details
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON body of the local 402 answer."""
+        return {"error": {"code": self.code, "type": "llm402_refusal", "message": self.message, **self.details}}
+
+
+class PolicyRefusal(PaymentRequiredError):
+    """The policy does not allow this call or this payment (intent, model, ticket, network, asset, payee...)."""
+
+    code = "policy_refused"
+
+
+class BudgetExceeded(PolicyRefusal):
+    """Reserving this call would exceed a cap (daily, total or global)."""
+
+    code = "budget_exceeded"
+
+
+class InsecureGateway(PolicyRefusal):
+    """A payment would go over plain HTTP to a non-loopback host on a real network."""
+
+    code = "insecure_gateway"
+
+
+class MalformedPaymentRequired(PaymentRequiredError):
+    """The gateway's 402 could not be parsed (bad base64, bad JSON, missing fields, invalid amounts)."""
+
+    code = "malformed_payment_required"
+
+
+class PaymentRejected(PaymentRequiredError):
+    """The gateway answered the paid replay with another 402; llm402 does not pay again."""
+
+    code = "payment_rejected"
+
+
+class PaymentOutcomeUnknown(PaymentRequiredError):
+    """A payment for this call already went out and its answer was lost; llm402 will not sign a second one."""
+
+    code = "payment_outcome_unknown"
+
+
+class SignerError(PaymentRequiredError):
+    """The signer failed to produce a payment signature."""
+
+    code = "signer_error"
+
+
+_REFUSALS: dict[str, type[PaymentRequiredError]] = {
+    "budget_exceeded": BudgetExceeded,
+    "insecure_gateway": InsecureGateway,
+    "malformed_payment_required": MalformedPaymentRequired,
+    "payment_rejected": PaymentRejected,
+    "payment_outcome_unknown": PaymentOutcomeUnknown,
+    "signer_error": SignerError,
+}
+POLICY_CODES = frozenset(
+    {
+        "intent_not_allowed",
+        "model_not_allowed",
+        "payment_over_ticket",
+        "network_not_allowed",
+        "asset_not_allowed",
+        "payee_not_allowed",
+        "scheme_not_supported",
+        "validity_too_long",
+        "no_acceptable_requirement",
+        "approval_denied",
+        "topup_refused",
+    }
+)
+
+
+def refusal_class(code: str) -> type[PaymentRequiredError]:
+    """The exception class for an envelope code."""
+    if code in _REFUSALS:
+        return _REFUSALS[code]
+    if code in POLICY_CODES:
+        return PolicyRefusal
+    return PaymentRequiredError
+
+
+def refusal_from_envelope(body: bytes | str | Mapping[str, Any] | None) -> PaymentRequiredError | None:
+    """Rebuild the typed error from a local 402 envelope; ``None`` if the body is not one."""
+    data: Any = body
+    if isinstance(body, bytes | str):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+    if not isinstance(data, Mapping):
+        return None
+    err = data.get("error")
+    if not isinstance(err, Mapping) or err.get("type") != "llm402_refusal":
+        return None
+    code = str(err.get("code", "payment_required"))
+    details = {k: v for k, v in err.items() if k not in {"code", "type", "message"}}
+    return refusal_class(code)(str(err.get("message", code)), code=code, **details)

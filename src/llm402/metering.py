@@ -1,0 +1,158 @@
+"""Usage sniffing on the way through: SSE or JSON, gzip or not, without holding back the stream.
+
+`UsageMeter.feed` returns the bytes to hand to the caller. They are the input bytes unchanged, except when the
+transport itself asked for ``stream_options.include_usage``: then the usage-only event the caller did not ask for is
+dropped (events are forwarded whole, as soon as their blank line arrives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+MAX_JSON_BYTES = 8 * 1024 * 1024
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token usage as the gateway reported it; ``cost_usd`` / ``credits_remaining`` when it reports them (AIsa)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: Decimal | None = None
+    credits_remaining: Decimal | None = None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return amount if amount.is_finite() and amount >= 0 else None
+
+
+def usage_from_json(data: Any) -> Usage | None:
+    """Usage from an OpenAI-style ``usage`` or a Gemini ``usageMetadata`` object."""
+    if not isinstance(data, Mapping):
+        return None
+    usage = data.get("usage")
+    if isinstance(usage, Mapping):
+        return Usage(
+            prompt_tokens=_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
+            completion_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
+            cost_usd=_decimal(usage.get("cost")),
+            credits_remaining=_decimal(usage.get("credits_remaining")),
+        )
+    meta = data.get("usageMetadata")
+    if isinstance(meta, Mapping):
+        return Usage(
+            prompt_tokens=_int(meta.get("promptTokenCount")),
+            completion_tokens=_int(meta.get("candidatesTokenCount")),
+        )
+    return None
+
+
+class UsageMeter:
+    """Incremental parser of a response body. Feed raw wire bytes; read `usage`, `done`, `events` afterwards."""
+
+    def __init__(self, *, streaming: bool, content_encoding: str | None = None, strip_usage_event: bool = False):
+        self.streaming = streaming
+        self.usage: Usage | None = None
+        self.done = False
+        self.events = 0
+        self.bytes_seen = 0
+        encoding = (content_encoding or "").lower().strip()
+        self._inflate = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
+        self._opaque = encoding not in ("", "identity", "gzip", "deflate", "x-gzip")
+        self._strip = strip_usage_event and streaming and self._inflate is None and not self._opaque
+        self._buffer = bytearray()
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Account for ``chunk``; return what to pass on."""
+        self.bytes_seen += len(chunk)
+        if self._opaque:
+            return chunk
+        data = chunk
+        if self._inflate is not None:
+            try:
+                data = self._inflate.decompress(chunk)
+            except zlib.error:
+                self._opaque = True
+                return chunk
+        if not self.streaming:
+            if len(self._buffer) + len(data) <= MAX_JSON_BYTES:
+                self._buffer += data
+            else:
+                self._overflow = True
+            return chunk
+        self._buffer += data
+        if not self._strip:
+            self._drain_events(None)
+            return chunk
+        out = bytearray()
+        self._drain_events(out)
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """End of body: parse what is left; return any held bytes still owed to the caller."""
+        if self.streaming:
+            rest = bytes(self._buffer)
+            self._buffer.clear()
+            if rest.strip():
+                self._event(rest)
+            return rest if self._strip else b""
+        if not self._overflow and self._buffer:
+            with contextlib.suppress(ValueError):
+                self.usage = usage_from_json(json.loads(bytes(self._buffer))) or self.usage
+        self._buffer.clear()
+        return b""
+
+    def _drain_events(self, out: bytearray | None) -> None:
+        while True:
+            match = _EVENT_END.search(self._buffer)
+            if match is None:
+                if len(self._buffer) > MAX_JSON_BYTES:  # a hostile stream without separators
+                    if out is not None:
+                        out += self._buffer
+                    self._buffer.clear()
+                return
+            block = bytes(self._buffer[: match.end()])
+            del self._buffer[: match.end()]
+            keep = self._event(block)
+            if out is not None and keep:
+                out += block
+
+    def _event(self, block: bytes) -> bool:
+        """Parse one SSE event; False when it is the usage-only chunk to strip."""
+        lines = [line[5:].lstrip() for line in block.splitlines() if line.startswith(b"data:")]
+        if not lines:
+            return True
+        payload = b"\n".join(lines).strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        self.events += 1
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return True
+        usage = usage_from_json(data)
+        if usage is None:
+            return True
+        self.usage = usage
+        usage_only = isinstance(data, Mapping) and not data.get("choices")
+        return not (self._strip and usage_only)

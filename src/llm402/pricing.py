@@ -1,0 +1,183 @@
+"""Prices and cost estimation in integer micro-USDC. No tokenizer at runtime: estimates are upper bounds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from .money import ATOMIC_PER_USD
+
+DEFAULT_MAX_TOKENS = 1024
+TOKENS_PER_IMAGE = 1600
+TOKENS_PER_MESSAGE = 8
+_MILLION = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A model's price in micro-USDC per 1M tokens, with its capability facts when the catalog gives them."""
+
+    prompt_per_1m: int
+    completion_per_1m: int
+    context_length: int | None = None
+
+    @classmethod
+    def from_usd(cls, prompt_usd_per_1m: Decimal | str, completion_usd_per_1m: Decimal | str, **kw: Any) -> ModelPrice:
+        """From USD per 1M tokens (the catalog's unit); converted once, exactly."""
+        return cls(_usd_per_1m(prompt_usd_per_1m), _usd_per_1m(completion_usd_per_1m), **kw)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Cost of a call, rounded up to the next micro-USDC."""
+        numerator = prompt_tokens * self.prompt_per_1m + completion_tokens * self.completion_per_1m
+        return -(-numerator // _MILLION)
+
+
+def _usd_per_1m(value: Decimal | str | int | float) -> int:
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"not a price: {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"price must be a non-negative number, got {value!r}")
+    return int((amount * ATOMIC_PER_USD).to_integral_value(rounding="ROUND_CEILING"))
+
+
+class PriceCatalog:
+    """Model id -> price. Built from a gateway's ``/v1/models`` (when it lists prices) or configured."""
+
+    def __init__(self, prices: Mapping[str, ModelPrice] | None = None) -> None:
+        self._prices: dict[str, ModelPrice] = dict(prices or {})
+
+    def __len__(self) -> int:
+        return len(self._prices)
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._prices
+
+    def models(self) -> dict[str, ModelPrice]:
+        """A copy of the table."""
+        return dict(self._prices)
+
+    def lookup(self, model: str | None) -> ModelPrice | None:
+        """The price of ``model``; ``provider/model`` and bare ``model`` names match each other."""
+        if model is None:
+            return None
+        if model in self._prices:
+            return self._prices[model]
+        bare = model.split("/", 1)[-1]
+        for name, price in self._prices.items():
+            if name.split("/", 1)[-1] == bare:
+                return price
+        return None
+
+    def merged(self, other: PriceCatalog) -> PriceCatalog:
+        """This catalog with ``other``'s entries added where this one has none (configured prices win)."""
+        return PriceCatalog({**other._prices, **self._prices})
+
+    @classmethod
+    def from_models_response(cls, body: bytes | Mapping[str, Any]) -> PriceCatalog:
+        """Parse ``GET /v1/models``: Token Kiosk fields (``promptPricePer1MTokens``...) or OpenRouter-style
+        ``pricing.prompt`` per token. Entries without prices are skipped; malformed ones too."""
+        data: Any = json.loads(body) if isinstance(body, bytes) else body
+        entries = data.get("data") if isinstance(data, Mapping) else None
+        prices: dict[str, ModelPrice] = {}
+        if not isinstance(entries, list):
+            return cls()
+        for entry in entries:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("id"), str):
+                continue
+            ctx = entry.get("contextLength", entry.get("context_length"))
+            context = ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None
+            try:
+                if "promptPricePer1MTokens" in entry:
+                    completion = entry.get("completionPricePer1M", entry.get("completionPricePer1MTokens"))
+                    prices[entry["id"]] = ModelPrice.from_usd(
+                        entry["promptPricePer1MTokens"], completion, context_length=context
+                    )
+                elif isinstance(entry.get("pricing"), Mapping):
+                    per_token = entry["pricing"]
+                    prices[entry["id"]] = ModelPrice(
+                        _usd_per_1m(Decimal(str(per_token["prompt"])) * _MILLION),
+                        _usd_per_1m(Decimal(str(per_token["completion"])) * _MILLION),
+                        context_length=context,
+                    )
+            except (ValueError, KeyError, TypeError, InvalidOperation):
+                continue
+        return cls(prices)
+
+
+def _text_bytes(content: Any) -> tuple[int, int]:
+    """(utf-8 bytes of text, number of images) in a message content (string or parts)."""
+    if isinstance(content, str):
+        return len(content.encode()), 0
+    size = images = 0
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, Mapping):
+                kind = part.get("type")
+                if kind in ("image_url", "input_image", "image") or "inline_data" in part or "inlineData" in part:
+                    images += 1
+                else:
+                    s, i = _text_bytes(part.get("text", ""))
+                    size += s
+                    images += i
+            elif isinstance(part, str):
+                size += len(part.encode())
+    elif content is not None:
+        size = len(json.dumps(content).encode())
+    return size, images
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """An upper bound of the prompt's tokens: one per UTF-8 byte (no byte-level BPE emits more),
+    plus per-message overhead, images, and tool definitions."""
+    total = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, Mapping):
+                size, images = _text_bytes(message.get("content"))
+                total += size + images * TOKENS_PER_IMAGE + TOKENS_PER_MESSAGE
+                if message.get("tool_calls"):
+                    total += len(json.dumps(message["tool_calls"]).encode())
+    contents = body.get("contents")  # Gemini native
+    if isinstance(contents, list):
+        for item in contents:
+            if isinstance(item, Mapping):
+                size, images = _text_bytes(item.get("parts"))
+                total += size + images * TOKENS_PER_IMAGE + TOKENS_PER_MESSAGE
+    prompt_input = body.get("input")  # embeddings
+    if isinstance(prompt_input, str):
+        total += len(prompt_input.encode())
+    elif isinstance(prompt_input, list):
+        total += sum(len(x.encode()) if isinstance(x, str) else 8 for x in prompt_input)
+    if body.get("prompt") is not None and isinstance(body["prompt"], str):
+        total += len(body["prompt"].encode())
+    for key in ("tools", "functions", "response_format"):
+        if body.get(key):
+            total += len(json.dumps(body[key]).encode())
+    return total
+
+
+def max_completion_tokens(body: Mapping[str, Any], default: int = DEFAULT_MAX_TOKENS) -> int:
+    """The completion budget the request allows (``max_tokens``, ``max_completion_tokens``, Gemini's)."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    config = body.get("generationConfig")
+    if isinstance(config, Mapping):
+        value = config.get("maxOutputTokens")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def estimate_cost(price: ModelPrice | None, body: Mapping[str, Any] | None) -> int:
+    """The reservation for a call: its price times (prompt upper bound + completion budget); 0 when unpriced."""
+    if price is None or body is None:
+        return 0
+    return price.cost(estimate_prompt_tokens(body), max_completion_tokens(body))

@@ -1,0 +1,292 @@
+"""Thin httpx transports that run the core. The sync and async twins differ only in ``await``.
+
+They read the request once (the body is kept for exactly one replay), ask the engine what to do, do it, and hand back
+the response with its stream wrapped for metering. No policy, pricing or ledger logic lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import ModuleType
+from typing import Any, Protocol
+
+import httpx
+
+from .core import Answer, Deliver, Head, Send, StreamEnd, describe_request
+from .engine import Engine
+from .metering import UsageMeter
+from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS
+
+_HOP_HEADERS = frozenset({"content-length", "transfer-encoding"})
+
+
+class _Request(Protocol):
+    method: str
+    url: Any
+    headers: Any
+    extensions: Any
+
+
+class _Ending:
+    """Finishes a flow exactly once when a delivered body ends, aborts or is closed."""
+
+    def __init__(self, meter: UsageMeter, on_end: Callable[[StreamEnd], None]) -> None:
+        self.meter = meter
+        self._on_end = on_end
+        self._ended = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.meter.feed(chunk)
+
+    def end(self, *, aborted: bool, error: str | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        aborted = aborted and not self.meter.done
+        self._on_end(StreamEnd(self.meter.usage, aborted=aborted, error=error if aborted else None))
+
+
+def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth: str | None) -> Any:
+    """The request to put on the wire: the caller's headers (minus any payment header they carried, and the
+    placeholder API key an SDK insists on sending to a pay-per-call gateway), ours, and the body."""
+    ours = {name.lower() for name in send.headers}
+    headers = [
+        (k, v)
+        for k, v in request.headers.multi_items()
+        if k.lower() not in _HOP_HEADERS
+        and k.lower() not in PAYMENT_HEADERS
+        and k.lower() not in ours
+        and not (k.lower() == "authorization" and v == placeholder_auth)
+    ]
+    headers.extend(send.headers.items())
+    return http.Request(request.method, request.url, headers=headers, content=send.body, extensions=request.extensions)
+
+
+def _local(http: ModuleType, request: _Request, answer: Answer) -> Any:
+    return http.Response(answer.status, headers=list(answer.headers.items()), content=answer.body, request=request)
+
+
+def _delivered(http: ModuleType, response: Any, deliver: Deliver, stream: Any) -> Any:
+    headers = http.Headers(response.headers)
+    for name, value in deliver.headers.items():
+        headers[name] = value
+    return http.Response(
+        response.status_code,
+        headers=headers,
+        stream=stream,
+        extensions=response.extensions,
+        request=response.request,
+    )
+
+
+def _meter(response: Any, deliver: Deliver, streaming: bool) -> UsageMeter:
+    return UsageMeter(
+        streaming=streaming,
+        content_encoding=response.headers.get("content-encoding"),
+        strip_usage_event=deliver.strip_usage_event,
+    )
+
+
+# --- sync ------------------------------------------------------------------------------------------------------
+
+
+class SyncMeteredStream:
+    """Mixin body of the sync stream wrapper (combined with the stack's ``SyncByteStream``)."""
+
+    def __init__(self, inner: Any, ending: _Ending) -> None:
+        self._inner = inner
+        self._ending = ending
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._inner:
+                out = self._ending.feed(chunk)
+                if out:
+                    yield out
+            tail = self._ending.meter.finish()
+            if tail:
+                yield tail
+        except BaseException as exc:
+            self._ending.end(aborted=True, error=type(exc).__name__)
+            raise
+        self._ending.end(aborted=False)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._ending.end(aborted=True, error="closed_early")
+
+
+def _read_402_sync(response: Any) -> bytes:
+    body = bytearray()
+    for chunk in response.stream:
+        body += chunk
+        if len(body) > MAX_CHALLENGE_BYTES:
+            break
+    response.close()
+    return bytes(body)
+
+
+def handle_sync(
+    http: ModuleType, engine: Engine, inner: Any, request: Any, stream_type: type[SyncMeteredStream]
+) -> Any:
+    """Run one call through the engine over a sync inner transport."""
+    body = request.read()
+    call = describe_request(request.method, str(request.url), request.headers.get("content-type"), body)
+    flow = engine.flow(call)
+    effect = engine.advance(flow)
+    response: Any = None
+    while True:
+        if isinstance(effect, Send):
+            if response is not None:
+                response.close()
+            try:
+                response = inner.handle_request(_outgoing(http, request, effect, engine.placeholder_auth))
+                head = Head(
+                    response.status_code,
+                    response.headers,
+                    _read_402_sync(response) if response.status_code == 402 else None,
+                )
+            except Exception as exc:
+                effect = engine.advance(flow, error=exc)  # the flow records the failure and re-raises
+                continue
+            effect = engine.advance(flow, head)
+        elif isinstance(effect, Answer):
+            if response is not None:
+                response.close()
+            return _local(http, request, effect)
+        elif isinstance(effect, Deliver):
+            deliver = effect
+            ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
+            return _delivered(http, response, deliver, stream_type(response.stream, ending))
+        else:
+            raise RuntimeError("llm402 flow ended without an answer")
+
+
+def _finish(engine: Engine, flow: Any, end: StreamEnd) -> None:
+    if engine.advance(flow, end) is not None:
+        raise RuntimeError("llm402 flow asked for HTTP after delivery")
+
+
+# --- async -----------------------------------------------------------------------------------------------------
+
+
+class AsyncMeteredStream:
+    """Mixin body of the async stream wrapper (combined with the stack's ``AsyncByteStream``)."""
+
+    def __init__(self, inner: Any, ending: _Ending) -> None:
+        self._inner = inner
+        self._ending = ending
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                out = self._ending.feed(chunk)
+                if out:
+                    yield out
+            tail = self._ending.meter.finish()
+            if tail:
+                yield tail
+        except BaseException as exc:
+            self._ending.end(aborted=True, error=type(exc).__name__)
+            raise
+        self._ending.end(aborted=False)
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._ending.end(aborted=True, error="closed_early")
+
+
+async def _read_402_async(response: Any) -> bytes:
+    body = bytearray()
+    async for chunk in response.stream:
+        body += chunk
+        if len(body) > MAX_CHALLENGE_BYTES:
+            break
+    await response.aclose()
+    return bytes(body)
+
+
+async def handle_async(
+    http: ModuleType, engine: Engine, inner: Any, request: Any, stream_type: type[AsyncMeteredStream]
+) -> Any:
+    """Run one call through the engine over an async inner transport."""
+    body = await request.aread()
+    call = describe_request(request.method, str(request.url), request.headers.get("content-type"), body)
+    flow = engine.flow(call)
+    effect = engine.advance(flow)
+    response: Any = None
+    while True:
+        if isinstance(effect, Send):
+            if response is not None:
+                await response.aclose()
+            try:
+                response = await inner.handle_async_request(_outgoing(http, request, effect, engine.placeholder_auth))
+                head = Head(
+                    response.status_code,
+                    response.headers,
+                    await _read_402_async(response) if response.status_code == 402 else None,
+                )
+            except Exception as exc:
+                effect = engine.advance(flow, error=exc)
+                continue
+            effect = engine.advance(flow, head)
+        elif isinstance(effect, Answer):
+            if response is not None:
+                await response.aclose()
+            return _local(http, request, effect)
+        elif isinstance(effect, Deliver):
+            deliver = effect
+            ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
+            return _delivered(http, response, deliver, stream_type(response.stream, ending))
+        else:
+            raise RuntimeError("llm402 flow ended without an answer")
+
+
+# --- the httpx stack -------------------------------------------------------------------------------------------
+
+
+def default_limits() -> httpx.Limits:
+    """Connection limits for agent workloads (many concurrent calls to one gateway)."""
+    return httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+
+
+class _HttpxSyncStream(SyncMeteredStream, httpx.SyncByteStream):
+    pass
+
+
+class _HttpxAsyncStream(AsyncMeteredStream, httpx.AsyncByteStream):
+    pass
+
+
+class PaymentTransport(httpx.BaseTransport):
+    """An ``httpx`` transport that pays, meters and budgets every call through an `Engine`."""
+
+    def __init__(self, engine: Engine, inner: httpx.BaseTransport | None = None) -> None:
+        self.engine = engine
+        self._inner = inner or httpx.HTTPTransport(limits=default_limits())
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response: httpx.Response = handle_sync(httpx, self.engine, self._inner, request, _HttpxSyncStream)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class AsyncPaymentTransport(httpx.AsyncBaseTransport):
+    """The async twin of `PaymentTransport`."""
+
+    def __init__(self, engine: Engine, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.engine = engine
+        self._inner = inner or httpx.AsyncHTTPTransport(limits=default_limits())
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response: httpx.Response = await handle_async(httpx, self.engine, self._inner, request, _HttpxAsyncStream)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

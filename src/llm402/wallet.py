@@ -1,0 +1,155 @@
+"""Who signs: the `Signer` protocol and a local eth-account `Wallet`.
+
+A hardware, KMS or remote signer replaces `Wallet` by implementing `Signer`. The wallet's repr, str and every error
+message are redacted: only the address is ever shown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
+
+from .errors import WalletError
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+ENV_PRIVATE_KEY = "LLM402_PRIVATE_KEY"
+ENV_KEYSTORE = "LLM402_KEYSTORE"
+ENV_KEYSTORE_PASSWORD = "LLM402_KEYSTORE_PASSWORD"  # noqa: S105 - the name of a variable, not a secret
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """What llm402 needs from a wallet (the x402 SDK's ``ClientEvmSigner`` plus EIP-191 for SIWE)."""
+
+    @property
+    def address(self) -> str:
+        """The checksummed address that pays."""
+        ...
+
+    def sign_typed_data(self, domain: Any, types: dict[str, Any], primary_type: str, message: dict[str, Any]) -> bytes:
+        """Sign EIP-712 typed data; returns the 65-byte signature."""
+        ...
+
+    def sign_message(self, message: str) -> bytes:
+        """Sign an EIP-191 personal message (SIWE); returns the 65-byte signature."""
+        ...
+
+
+def _as_plain(value: Any) -> Any:
+    """The SDK passes dataclass-like domain/field objects; eth-account wants plain dicts."""
+    if isinstance(value, dict):
+        return value
+    if hasattr(value, "verifying_contract"):
+        return {
+            "name": value.name,
+            "version": value.version,
+            "chainId": value.chain_id,
+            "verifyingContract": value.verifying_contract,
+        }
+    if hasattr(value, "name") and hasattr(value, "type"):
+        return {"name": value.name, "type": value.type}
+    return value
+
+
+class Wallet:
+    """A local secp256k1 key (eth-account). Signing is fast when `coincurve` is installed (it is a dependency)."""
+
+    __slots__ = ("_account",)
+
+    def __init__(self, account: LocalAccount) -> None:
+        self._account = account
+
+    @classmethod
+    def from_key(cls, private_key: str | bytes) -> Wallet:
+        """A wallet from a hex or raw 32-byte private key."""
+        from eth_account import Account
+
+        try:
+            return cls(Account.from_key(private_key))
+        except Exception:
+            raise WalletError("invalid private key (expected 32 bytes, hex-encoded, optionally 0x-prefixed)") from None
+
+    @classmethod
+    def from_keystore(cls, path: str | os.PathLike[str], password: str) -> Wallet:
+        """A wallet from an encrypted JSON keystore (the go-ethereum / eth-account format)."""
+        from eth_account import Account
+
+        file = Path(path).expanduser()
+        try:
+            keyfile = json.loads(file.read_text())
+        except OSError as exc:
+            raise WalletError(f"cannot read keystore {file}: {exc.strerror}") from None
+        except ValueError:
+            raise WalletError(f"keystore {file} is not JSON") from None
+        try:
+            key = Account.decrypt(keyfile, password)
+        except Exception:
+            raise WalletError(f"cannot decrypt keystore {file} (wrong password or corrupt file)") from None
+        return cls(Account.from_key(key))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Wallet:
+        """``LLM402_PRIVATE_KEY``, or ``LLM402_KEYSTORE`` with ``LLM402_KEYSTORE_PASSWORD``."""
+        env = os.environ if environ is None else environ
+        if key := env.get(ENV_PRIVATE_KEY):
+            try:
+                return cls.from_key(key)
+            except WalletError:
+                raise WalletError(f"{ENV_PRIVATE_KEY} is not a valid private key") from None
+        if keystore := env.get(ENV_KEYSTORE):
+            password = env.get(ENV_KEYSTORE_PASSWORD)
+            if password is None:
+                raise WalletError(f"{ENV_KEYSTORE} is set but {ENV_KEYSTORE_PASSWORD} is not")
+            return cls.from_keystore(keystore, password)
+        raise WalletError(f"no wallet configured: set {ENV_PRIVATE_KEY}, or {ENV_KEYSTORE} and {ENV_KEYSTORE_PASSWORD}")
+
+    @classmethod
+    def create(cls) -> Wallet:
+        """A throwaway wallet with a fresh random key (demos and tests)."""
+        from eth_account import Account
+
+        return cls(Account.create())
+
+    @property
+    def address(self) -> str:
+        """The checksummed address."""
+        return str(self._account.address)
+
+    def sign_typed_data(self, domain: Any, types: dict[str, Any], primary_type: str, message: dict[str, Any]) -> bytes:
+        """Sign EIP-712 typed data (EIP-3009 authorizations, Permit2)."""
+        plain_types = {name: [_as_plain(f) for f in fields] for name, fields in types.items()}
+        plain_types.pop("EIP712Domain", None)
+        try:
+            signed = self._account.sign_typed_data(
+                domain_data=_as_plain(domain), message_types=plain_types, message_data=message
+            )
+        except Exception as exc:
+            raise WalletError(f"cannot sign typed data {primary_type}: {type(exc).__name__}") from None
+        return bytes(signed.signature)
+
+    def sign_message(self, message: str) -> bytes:
+        """Sign an EIP-191 personal message."""
+        from eth_account.messages import encode_defunct
+
+        signed = self._account.sign_message(encode_defunct(text=message))
+        return bytes(signed.signature)
+
+    def encrypt(self, password: str) -> dict[str, Any]:
+        """The wallet as an encrypted keystore (to save with mode 0600)."""
+        return dict(self._account.encrypt(password))
+
+    def export_private_key(self) -> str:
+        """The private key as hex. Deliberately explicit: nothing else in llm402 ever reveals it."""
+        return "0x" + bytes(self._account.key).hex()
+
+    def __repr__(self) -> str:
+        return f"Wallet(address={self.address}, key=<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        raise WalletError("a Wallet cannot be pickled or copied (it holds a private key)")
