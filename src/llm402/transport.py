@@ -66,7 +66,7 @@ def _local(http: ModuleType, request: _Request, answer: Answer) -> Any:
     return http.Response(answer.status, headers=list(answer.headers.items()), content=answer.body, request=request)
 
 
-def _delivered(http: ModuleType, response: Any, deliver: Deliver, stream: Any) -> Any:
+def _delivered(http: ModuleType, request: Any, response: Any, deliver: Deliver, stream: Any) -> Any:
     headers = http.Headers(response.headers)
     for name, value in deliver.headers.items():
         headers[name] = value
@@ -75,7 +75,7 @@ def _delivered(http: ModuleType, response: Any, deliver: Deliver, stream: Any) -
         headers=headers,
         stream=stream,
         extensions=response.extensions,
-        request=response.request,
+        request=request,
     )
 
 
@@ -159,7 +159,7 @@ def handle_sync(
         elif isinstance(effect, Deliver):
             deliver = effect
             ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
-            return _delivered(http, response, deliver, stream_type(response.stream, ending))
+            return _delivered(http, request, response, deliver, stream_type(response.stream, ending))
         else:
             raise RuntimeError("llm402 flow ended without an answer")
 
@@ -241,7 +241,7 @@ async def handle_async(
         elif isinstance(effect, Deliver):
             deliver = effect
             ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
-            return _delivered(http, response, deliver, stream_type(response.stream, ending))
+            return _delivered(http, request, response, deliver, stream_type(response.stream, ending))
         else:
             raise RuntimeError("llm402 flow ended without an answer")
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
 
-from ..errors import BudgetExceeded
+from ..errors import BudgetExceeded, ConfigurationError
 from ..money import format_usd
-from ..receipts import Receipt
+from ..receipts import PaymentRecord, Receipt
 
 DEFAULT_RESERVATION_TTL = 900.0
 """Seconds after which a reservation whose process vanished is resolved by `Ledger.recover`."""
@@ -105,6 +107,70 @@ class Ledger(Protocol):
         """Stored receipts, oldest first."""
         ...
 
+    def spend_report(self, by: str, since: float | None = None) -> list[dict[str, Any]]:
+        """Receipts since ``since`` grouped by ``by`` (one of `SPEND_GROUPS`), ordered by `order_spend`."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
+
+
+SPEND_GROUPS = ("agent", "intent", "model", "day")
+"""What `Ledger.spend_report` can group by; ``day`` is the UTC date of a receipt's ``started_at``."""
+
+
+def receipt_day(started_at: float) -> str:
+    """The UTC day of a timestamp, as the call flow names budget days."""
+    return datetime.fromtimestamp(started_at, UTC).date().isoformat()
+
+
+def check_spend_group(by: str) -> str:
+    """Validate a `spend_report` grouping (it names a column in the SQL backend, so it is never passed through)."""
+    if by not in SPEND_GROUPS:
+        raise ConfigurationError(f"cannot group spend by {by!r}; use one of {', '.join(SPEND_GROUPS)}")
+    return by
+
+
+def order_spend(rows: Iterable[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """One order for every backend: days chronologically, other groups by cost (highest first), then by key."""
+
+    def key_order(row: dict[str, Any]) -> tuple[bool, str]:
+        return (row["key"] is not None, str(row["key"] or ""))
+
+    if by == "day":
+        return sorted(rows, key=key_order)
+    return sorted(sorted(rows, key=key_order), key=lambda row: -int(row["cost"]))
+
+
+def spend_rows(receipts: Iterable[Receipt], by: str) -> list[dict[str, Any]]:
+    """Group receipts in Python (the memory and Redis backends; SQLite groups in SQL)."""
+    check_spend_group(by)
+    groups: dict[str | None, dict[str, Any]] = {}
+    for receipt in receipts:
+        key = receipt_day(receipt.started_at) if by == "day" else getattr(receipt, by)
+        row = groups.setdefault(key, {"key": key, "calls": 0, "cost": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        row["calls"] += 1
+        row["cost"] += receipt.cost
+        row["prompt_tokens"] += receipt.prompt_tokens
+        row["completion_tokens"] += receipt.completion_tokens
+    return order_spend(groups.values(), by)
+
+
+_RECEIPT_FIELDS = frozenset(f.name for f in fields(Receipt))
+_PAYMENT_FIELDS = frozenset(f.name for f in fields(PaymentRecord))
+
+
+def receipt_to_json(receipt: Receipt) -> str:
+    """A receipt as compact JSON for durable backends (``default=str`` so an odd attempt detail cannot fail a call)."""
+    return json.dumps(receipt.to_dict(), separators=(",", ":"), default=str)
+
+
+def receipt_from_json(text: str | bytes) -> Receipt:
+    """Rebuild a stored receipt; fields unknown to this version (written by a newer one) are ignored."""
+    data: dict[str, Any] = {k: v for k, v in json.loads(text).items() if k in _RECEIPT_FIELDS}
+    payment = data.get("payment")
+    if isinstance(payment, dict):
+        data["payment"] = PaymentRecord(**{k: v for k, v in payment.items() if k in _PAYMENT_FIELDS})
+    data["attempts"] = tuple(data.get("attempts") or ())
+    return Receipt(**data)

@@ -7,10 +7,11 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigurationError
 from ..receipts import Receipt
-from .base import Caps, Hold, LedgerTotals, cap_refusal
+from .base import Caps, Hold, LedgerTotals, cap_refusal, check_spend_group, spend_rows
 
 HELD, EXPOSED, DANGLING = "held", "exposed", "dangling"
 
@@ -146,6 +147,10 @@ class MemoryLedger:
         """Receipts, oldest first."""
         with self._lock:
             return [r for r in self._receipts if since is None or r.started_at >= since]
+
+    def spend_report(self, by: str, since: float | None = None) -> list[dict[str, Any]]:
+        """Receipts grouped by agent, intent, model or day."""
+        return spend_rows(self.receipts(since), check_spend_group(by))
 
     def close(self) -> None:
         """Nothing to release."""
