@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 import threading
 import time
@@ -19,14 +20,15 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from .approval import Approval, PaymentProposal, external_payment
 from .budget.base import DEFAULT_RESERVATION_TTL, Caps, Hold
+from .credit import CreditProfile, siwe_message, topup_amount
 from .errors import (
     REFUSAL_HEADER,
     InsecureGateway,
-    MalformedPaymentRequired,
     PaymentOutcomeUnknown,
     PaymentRejected,
     PaymentRequiredError,
@@ -47,6 +49,7 @@ from .x402 import (
     select_requirement,
 )
 
+log = logging.getLogger("llm402")
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):(?:generateContent|streamGenerateContent)$")
 REUSE_MARGIN_SECONDS = 5.0
 _MICRO = Decimal("0.000001")
@@ -111,10 +114,54 @@ class Expose:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send the request with these headers set and this body; the result is a `Head`."""
+    """Send the caller's request with these headers set and this body; the result is a `Head`.
+
+    With ``url`` set it is a request of llm402's own (a credit top-up, a key mint): only ``headers`` are sent.
+    ``read_body`` asks for the (bounded) body of any status, not only a 402's.
+    """
 
     headers: Mapping[str, str]
     body: bytes
+    method: str | None = None
+    url: str | None = None
+    read_body: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SignMessage:
+    """Sign an EIP-191 message (SIWE); the result is the 0x-hex signature."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreKey:
+    """Keep a freshly minted API key where the user said."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Approve:
+    """Ask the approver about a payment; the result is an `Approval` (or a bool)."""
+
+    proposal: PaymentProposal
+
+
+@dataclass(frozen=True, slots=True)
+class Remaining:
+    """How much every cap still admits for this agent today (``None``: no cap); the result is ``int | None``."""
+
+    agent: str
+    day: str
+    caps: Caps
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Store and publish a receipt that reserved nothing (a top-up)."""
+
+    receipt: Receipt
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +181,10 @@ class Answer:
     body: bytes
 
     @classmethod
-    def refusal(cls, error: PaymentRequiredError) -> Answer:
+    def refusal(cls, error: PaymentRequiredError, status: int = 402) -> Answer:
         """The local 402 envelope for a refusal."""
         return cls(
-            402,
+            status,
             {"content-type": "application/json", "x-should-retry": "false", REFUSAL_HEADER: error.code},
             json.dumps(error.envelope()).encode(),
         )
@@ -153,7 +200,21 @@ class Finish:
     reserved: bool = True
 
 
-Effect = Reserve | Grow | Sign | Expose | Send | Deliver | Answer | Finish
+Effect = (
+    Reserve
+    | Grow
+    | Sign
+    | Expose
+    | Send
+    | Deliver
+    | Answer
+    | Finish
+    | SignMessage
+    | StoreKey
+    | Approve
+    | Remaining
+    | Record
+)
 
 
 # --- the request as the flow sees it ------------------------------------------------------------------------
@@ -276,6 +337,12 @@ class FlowConfig:
     cost_header: bool = True
     reservation_ttl: float = DEFAULT_RESERVATION_TTL
     route: str | None = None
+    payer: str | None = None
+    credit: CreditProfile | None = None
+    api_key: str | None = None
+    mint_keys: bool = False
+    approver: bool = False
+    strip_fields: frozenset[str] = frozenset()
 
     def caps(self) -> Caps:
         """The policy's caps in micro-USDC."""
@@ -332,6 +399,185 @@ def _payment_record(payment: SignedPayment, settlement: Settlement | None, *, re
 # --- the flow ------------------------------------------------------------------------------------------------
 
 
+class _Refused(Exception):
+    """Internal: a sub-flow ended the call with a refusal (already answered in the receipt's terms)."""
+
+    def __init__(self, error: PaymentRequiredError, status: int = 402) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.status = status
+
+
+def _json_body(data: Mapping[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _read_json(head: Head) -> Mapping[str, Any]:
+    try:
+        data = json.loads(head.body or b"")
+    except ValueError:
+        return {}
+    return data if isinstance(data, Mapping) else {}
+
+
+def _error_code(head: Head) -> str | None:
+    err = _read_json(head).get("error")
+    if isinstance(err, Mapping):
+        err = err.get("code")
+    return err if isinstance(err, str) else None
+
+
+def _strip_fields(cfg: FlowConfig, call: CallRequest, body: bytes) -> bytes:
+    """Remove request fields the gateway is known to reject (Token Kiosk: ``thinking``, ``reasoning_effort``)."""
+    if not cfg.strip_fields or call.json is None:
+        return body
+    present = cfg.strip_fields & set(call.json)
+    if not present:
+        return body
+    log.warning("llm402: removed %s, which this gateway rejects", ", ".join(sorted(present)))
+    data = json.loads(body)
+    for name in present:
+        data.pop(name, None)
+    return _json_body(data)
+
+
+def _choose(head: Head, url: str, policy: Policy) -> tuple[Challenge, Requirement] | None:
+    """402 -> the challenge and the requirement to pay (parse, select under policy, check the transport).
+    ``None`` when the 402 is not an x402 challenge. Raises `PaymentRequiredError` for every refusal."""
+    challenge = parse_challenge(head.headers, head.body or b"")
+    if challenge is None:
+        return None
+    requirement = select_requirement(challenge, policy)
+    check_transport_security(url, requirement.network, policy)
+    return challenge, requirement
+
+
+def _authorize(
+    cfg: FlowConfig,
+    challenge: Challenge,
+    requirement: Requirement,
+    url: str,
+    model: str | None,
+    kind: Literal["call", "topup"],
+) -> Generator[Effect, Any, SignedPayment]:
+    """Ask the approver (when one is set), then sign, or take the payment header the approver supplied."""
+    if cfg.approver:
+        proposal = PaymentProposal(kind, cfg.agent, cfg.intent, url, model, challenge.dialect, requirement)
+        decision = yield Approve(proposal)
+        if decision is False or (isinstance(decision, Approval) and decision.decision == "deny"):
+            reason = decision.reason if isinstance(decision, Approval) else None
+            raise PolicyRefusal(
+                f"the approver denied a payment of {format_usd(requirement.amount)}: {reason or 'no reason given'}",
+                code="approval_denied",
+                requested=requirement.amount,
+            )
+        if isinstance(decision, Approval) and decision.decision == "external" and decision.header_value:
+            return external_payment(proposal, decision.header_value)
+    payment: SignedPayment = yield Sign(challenge, requirement, url)
+    return payment
+
+
+def _mint_key(cfg: FlowConfig, call: CallRequest, credit: CreditProfile) -> Generator[Effect, Any, str]:
+    """Mint an API key with a fresh SIWE message (``issuedAt`` now, new nonce), keep it, return it."""
+    if cfg.payer is None:
+        raise PolicyRefusal("minting an API key needs a wallet", code="no_wallet")
+    chain_id = credit.chain_id
+    if chain_id is None:  # the gateway's chain, as its top-up 402 presents it
+        probe = yield Send(
+            {"content-type": "application/json"},
+            _json_body({"amount": credit.min_topup / 1_000_000}),
+            method="POST",
+            url=call.origin + credit.topup_path,
+            read_body=True,
+        )
+        challenge = parse_challenge(probe.headers, probe.body or b"") if probe.status == 402 else None
+        if challenge is None:
+            raise PaymentRequiredError(
+                f"cannot learn the gateway's chain from {credit.topup_path} (HTTP {probe.status}); "
+                "set the credit profile's chain_id",
+                code="key_mint_failed",
+            )
+        chain_id = int(challenge.requirements[0].network.split(":", 1)[1])
+    text = siwe_message(cfg.payer, call.origin, credit.keys_path, chain_id, credit.statement)
+    signature: str = yield SignMessage(text)
+    head = yield Send(
+        {"content-type": "application/json"},
+        _json_body({"message": text, "signature": signature, "label": f"llm402 {cfg.agent}"[:64]}),
+        method="POST",
+        url=call.origin + credit.keys_path,
+        read_body=True,
+    )
+    key = _read_json(head).get("key")
+    if not (200 <= head.status < 300) or not isinstance(key, str):
+        raise PaymentRequiredError(
+            f"the gateway refused to mint an API key: {_reason(head)}", code="key_mint_failed", status=head.status
+        )
+    yield StoreKey(key)
+    return key
+
+
+def topup_flow(
+    cfg: FlowConfig, origin: str, credit: CreditProfile, needed: int, own_reservation: int = 0
+) -> Generator[Effect, Any, Receipt]:
+    """Buy credit with an x402 payment, bounded by the policy and what the caps have left; record it apart.
+
+    Used by a call answered ``INSUFFICIENT_BALANCE`` and by ``llm402 topup``. Returns the top-up's receipt.
+    """
+    day = datetime.fromtimestamp(cfg.clock(), UTC).date().isoformat()
+    remaining = yield Remaining(cfg.agent, day, cfg.caps())
+    budget_left = None if remaining is None else remaining + own_reservation
+    amount = topup_amount(needed, credit.min_topup, cfg.policy, budget_left)
+    url = origin + credit.topup_path
+    body = _json_body({"amount": float(Decimal(amount) / 1_000_000)})
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    started = cfg.clock()
+    head = yield Send(headers, body, method="POST", url=url, read_body=True)
+    if head.status != 402:
+        raise PaymentRequiredError(f"top-up did not ask for payment: {_reason(head)}", code="topup_failed")
+    limit = cfg.policy.model_copy(update={"max_payment_usd": Decimal(amount) / 1_000_000})
+    chosen = _choose(head, url, limit)
+    if chosen is None:
+        raise PaymentRequiredError(f"top-up answered an unreadable 402: {_reason(head)}", code="topup_failed")
+    payment = yield from _authorize(cfg, *chosen, url, None, "topup")
+    head = yield Send({**headers, payment.header_name: payment.header_value}, body, "POST", url, read_body=True)
+    settlement = decode_settlement(head.headers)
+    record = _payment_record(payment, settlement, reused=False)
+    receipt = Receipt(
+        call_id=uuid.uuid4().hex,
+        agent=cfg.agent,
+        intent=cfg.intent,
+        gateway=origin,
+        method="POST",
+        path=credit.topup_path,
+        model=None,
+        status=head.status,
+        streamed=False,
+        started_at=started,
+        latency_ms=round((cfg.clock() - started) * 1000, 3),
+        payment=_as_topup(record),
+        error=None if 200 <= head.status < 300 else f"http_{head.status}",
+    )
+    yield Record(receipt)
+    if not 200 <= head.status < 300:
+        raise PaymentRejected(f"the gateway refused the top-up payment: {_reason(head)}", amount=payment.amount)
+    return receipt
+
+
+def _as_topup(record: PaymentRecord) -> PaymentRecord:
+    return PaymentRecord(
+        record.scheme,
+        record.network,
+        record.asset,
+        record.amount,
+        record.payer,
+        record.payee,
+        record.transaction,
+        record.settled,
+        record.reused,
+        kind="topup",
+    )
+
+
 def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None]:
     """One logical call, from policy check to receipt."""
     started = cfg.clock()
@@ -376,6 +622,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
     reserved = estimate
 
     body, injected = with_usage_requested(call)
+    body = _strip_fields(cfg, call, body)
     headers: dict[str, str] = {"accept-encoding": "identity"}
     if payment is not None:
         headers[payment.header_name] = payment.header_value
@@ -393,75 +640,103 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         )
 
     try:
-        head: Head = yield Send(headers, body)
-    except BaseException as exc:
-        yield failed(exc)
-        raise
+        # 3. credit gateways: an API key minted by SIWE when none is configured
+        if cfg.credit is not None and cfg.api_key is None and cfg.mint_keys:
+            cfg.api_key = yield from _mint_key(cfg, call, cfg.credit)
+        if cfg.api_key is not None:
+            headers["authorization"] = f"Bearer {cfg.api_key}"
 
-    # 3. the 402 dance: parse, select under policy, grow the reservation, sign, replay once
-    if head.status == 402 and reused:
-        lost = PaymentOutcomeUnknown(
-            "a payment for this call was already sent and its answer was lost; llm402 will not pay twice",
-            gateway_reason=_reason(head),
-        )
-        cfg.payments.forget(call.fingerprint)
-        yield Finish(call_id, 0, receipt(status=402, error=lost.code, reserved=reserved))
-        yield Answer.refusal(lost)
-        return
-    challenge: Challenge | None = None
-    if head.status == 402:
         try:
-            challenge = parse_challenge(head.headers, head.body or b"")
-            if challenge is not None:
-                requirement = select_requirement(challenge, cfg.policy)
-                check_transport_security(call.url, requirement.network, cfg.policy)
-                if requirement.amount > reserved:
+            head: Head = yield Send(headers, body)
+        except BaseException as exc:
+            yield failed(exc)
+            raise
+
+        # 4. credit exhausted: top up (an x402 payment of its own) and replay once
+        if (
+            head.status == 402
+            and cfg.credit is not None
+            and payment is None
+            and _error_code(head) in cfg.credit.insufficient_codes
+        ):
+            yield from topup_flow(cfg, call.origin, cfg.credit, reserved, reserved)
+            head = yield Send(headers, body)
+            if head.status == 402 and _error_code(head) in cfg.credit.insufficient_codes:
+                raise _Refused(
+                    PaymentRequiredError(
+                        "still not enough credit after a top-up; llm402 does not top up twice for one call",
+                        code="insufficient_balance",
+                    )
+                )
+        if head.status == 401 and cfg.credit is not None:
+            raise _Refused(
+                PaymentRequiredError(
+                    f"the gateway rejected the API key ({_reason(head)}): it may be revoked; mint a new one with "
+                    "`llm402 keys create`, or leave api_key unset to let llm402 mint one",
+                    code="api_key_rejected",
+                ),
+                status=401,
+            )
+
+        # 5. the 402 dance: parse, select under policy, grow the reservation, sign, replay once
+        if head.status == 402 and reused:
+            cfg.payments.forget(call.fingerprint)
+            raise _Refused(
+                PaymentOutcomeUnknown(
+                    "a payment for this call was already sent and its answer was lost; llm402 will not pay twice",
+                    gateway_reason=_reason(head),
+                )
+            )
+        if head.status == 402:
+            chosen = _choose(head, call.url, cfg.policy)
+            if chosen is not None:
+                challenge, requirement = chosen
+                if requirement.amount > reserved:  # the quote is above the estimate: grow before signing
                     yield Grow(call_id, requirement.amount, caps)
                     reserved = requirement.amount
-                payment = yield Sign(challenge, requirement, call.url)
-        except (PaymentRequiredError, MalformedPaymentRequired) as refusal:
-            yield Finish(call_id, 0, receipt(status=402, error=refusal.code, reserved=reserved))
-            yield Answer.refusal(refusal)
+                payment = yield from _authorize(cfg, challenge, requirement, call.url, call.model, "call")
+    except _Refused as refused:
+        yield Finish(call_id, 0, receipt(status=refused.status, error=refused.error.code, reserved=reserved))
+        yield Answer.refusal(refused.error, refused.status)
+        return
+    except PaymentRequiredError as refusal:
+        yield Finish(call_id, 0, receipt(status=402, error=refusal.code, reserved=reserved))
+        yield Answer.refusal(refusal)
+        return
+    if payment is not None and not reused:
+        cfg.payments.remember(call.fingerprint, payment)
+        yield Expose(call_id, payment.amount, payment.valid_before)
+        headers[payment.header_name] = payment.header_value
+        try:
+            head = yield Send(headers, body)
+        except BaseException as exc:
+            yield failed(exc)
+            raise
+        if head.status == 402 or 300 <= head.status < 400:
+            redirected = head.status != 402
+            rejection = PaymentRejected(
+                "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere"
+                if redirected
+                else f"the gateway refused the signed payment of {format_usd(payment.amount)}: {_reason(head)}",
+                code="payment_redirected" if redirected else "payment_rejected",
+                gateway_reason=_reason(head),
+                amount=payment.amount,
+            )
+            if redirected:
+                cfg.payments.mark_unknown(call.fingerprint)
+            else:
+                cfg.payments.forget(call.fingerprint)
+            cost = payment.amount if redirected else 0
+            record = _payment_record(payment, None, reused=False)
+            yield Finish(
+                call_id,
+                cost,
+                receipt(status=head.status, error=rejection.code, cost=cost, reserved=reserved, payment=record),
+            )
+            yield Answer.refusal(rejection)
             return
-        if payment is not None:
-            cfg.payments.remember(call.fingerprint, payment)
-            yield Expose(call_id, payment.amount, payment.valid_before)
-            headers[payment.header_name] = payment.header_value
-            try:
-                head = yield Send(headers, body)
-            except BaseException as exc:
-                yield failed(exc)
-                raise
-            if head.status == 402 or 300 <= head.status < 400:
-                redirected = head.status != 402
-                rejection = PaymentRejected(
-                    "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere"
-                    if redirected
-                    else f"the gateway refused the signed payment of {format_usd(payment.amount)}: {_reason(head)}",
-                    code="payment_redirected" if redirected else "payment_rejected",
-                    gateway_reason=_reason(head),
-                    amount=payment.amount,
-                )
-                if redirected:
-                    cfg.payments.mark_unknown(call.fingerprint)
-                else:
-                    cfg.payments.forget(call.fingerprint)
-                cost = payment.amount if redirected else 0
-                yield Finish(
-                    call_id,
-                    cost,
-                    receipt(
-                        status=head.status,
-                        error=rejection.code,
-                        cost=cost,
-                        reserved=reserved,
-                        payment=_payment_record(payment, None, reused=False),
-                    ),
-                )
-                yield Answer.refusal(rejection)
-                return
 
-    # 4. hand the response over, metering it on the way
+    # 6. hand the response over, metering it on the way
     settlement = decode_settlement(head.headers) if payment is not None else None
     extra: dict[str, str] = {}
     if payment is not None:
@@ -470,7 +745,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             extra["llm402-cost"] = str(payment.amount)
     end: StreamEnd = yield Deliver(extra, strip_usage_event=injected)
 
-    # 5. reconcile to what was really charged, and leave a receipt
+    # 7. reconcile to what was really charged, and leave a receipt
     ok = 200 <= head.status < 300
     usage = end.usage
     if payment is not None:

@@ -7,9 +7,13 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
+import httpx
+
+from .approval import Approval, Approver
 from .budget.base import Ledger
 from .core import (
     Answer,
+    Approve,
     CallRequest,
     Deliver,
     Effect,
@@ -17,14 +21,20 @@ from .core import (
     Finish,
     FlowConfig,
     Grow,
+    Head,
+    Record,
+    Remaining,
     Reserve,
     Send,
     Sign,
+    SignMessage,
+    StoreKey,
     call_flow,
 )
+from .credit import store_key
 from .receipts import Receipt, current_receipt
 from .wallet import Signer
-from .x402 import sign_payment
+from .x402 import MAX_CHALLENGE_BYTES, sign_payment
 
 log = logging.getLogger("llm402")
 
@@ -41,8 +51,13 @@ class Engine:
         ledger: Ledger,
         signer: Signer | None,
         placeholder_api_key: str | None = None,
+        approver: Approver | None = None,
+        key_store: str | None = None,
     ) -> None:
         self.config = config
+        self.approver = approver
+        self.key_store = key_store
+        config.approver = approver is not None
         self.placeholder_auth = f"Bearer {placeholder_api_key}" if placeholder_api_key else None
         self.ledger = ledger
         self.signer = signer
@@ -85,7 +100,41 @@ class Engine:
         if isinstance(effect, Finish):
             self._finish(effect)
             return None
+        if isinstance(effect, Record):
+            self.ledger.record(effect.receipt)
+            self._publish(effect.receipt)
+            return None
+        if isinstance(effect, Remaining):
+            return self._remaining(effect)
+        if isinstance(effect, SignMessage):
+            if self.signer is None:
+                from .errors import SignerError
+
+                raise SignerError("signing in to the gateway needs a wallet", code="no_wallet")
+            return "0x" + self.signer.sign_message(effect.text).hex()
+        if isinstance(effect, StoreKey):
+            if self.key_store:
+                store_key(self.key_store, effect.key)
+            log.info("llm402 minted an API key for %s", self.config.agent)
+            return None
+        if isinstance(effect, Approve):
+            if self.approver is None:
+                return Approval.approve()
+            return self.approver(effect.proposal)
         raise TypeError(f"not a ledger or signer effect: {type(effect).__name__}")
+
+    def _remaining(self, effect: Remaining) -> int | None:
+        totals = self.ledger.totals(effect.agent, effect.day)
+        left = [
+            cap - spent - reserved
+            for cap, spent, reserved in (
+                (effect.caps.daily, totals.day_spent, totals.day_reserved),
+                (effect.caps.total, totals.agent_spent, totals.agent_reserved),
+                (effect.caps.global_, totals.global_spent, totals.global_reserved),
+            )
+            if cap is not None
+        ]
+        return max(0, min(left)) if left else None
 
     def _finish(self, effect: Finish) -> None:
         receipt = effect.receipt
@@ -93,6 +142,9 @@ class Engine:
             self.ledger.settle(effect.call_id, effect.actual, receipt)
         else:
             self.ledger.record(receipt)
+        self._publish(receipt)
+
+    def _publish(self, receipt: Receipt) -> None:
         self.last_receipt = receipt
         current_receipt.set(receipt)
         log.debug(
@@ -111,6 +163,29 @@ class Engine:
                 listener(receipt)
             except Exception:  # a listener must never break a paid call
                 log.exception("llm402 receipt listener failed")
+
+    def run_standalone(self, flow: Generator[Effect, Any, Any], client: httpx.Client) -> Any:
+        """Drive a flow of llm402's own requests (a top-up, a key mint) over a plain sync client; its result."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                effect = flow.throw(error) if error is not None else flow.send(value)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            try:
+                if isinstance(effect, Send):
+                    response = client.request(
+                        effect.method or "POST", effect.url or "", headers=dict(effect.headers), content=effect.body
+                    )
+                    value = Head(response.status_code, response.headers, response.content[:MAX_CHALLENGE_BYTES])
+                elif isinstance(effect, Deliver | Answer):
+                    raise TypeError("a standalone flow cannot deliver or answer a caller")
+                else:
+                    value = self.perform(effect)
+            except Exception as exc:
+                error = exc
 
     def advance(
         self, flow: Generator[Effect, Any, None], value: Any = None, error: BaseException | None = None

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from .approval import Approver
 from .budget import Ledger, open_ledger
 from .core import FlowConfig, PaymentMemory
+from .credit import CreditProfile, load_key
 from .engine import Engine, ReceiptListener
 from .errors import ConfigurationError
+from .kiosk import CreditAccount
 from .policy import Policy
 from .pricing import ModelPrice, PriceCatalog
+from .quotes import Quote
 from .receipts import Receipt
 from .transport import AsyncPaymentTransport, PaymentTransport, default_limits
 from .wallet import Signer
@@ -23,6 +26,8 @@ from .wallet import Signer
 if TYPE_CHECKING:
     import httpx2
 
+PROFILES = ("auto", "x402", "token-kiosk", "aisa", "plain")
+KIOSK_REJECTED_FIELDS = frozenset({"thinking", "reasoning_effort"})
 PLACEHOLDER_API_KEY = "llm402-pay-per-call"
 """Sent as the SDK's api_key when a gateway is paid per call; the transport removes it before the wire."""
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # the OpenAI SDK's defaults
@@ -57,6 +62,10 @@ class Gateway:
         prices: PriceCatalog | Mapping[str, ModelPrice] | None = None,
         cost_header: bool = True,
         clock: Callable[[], float] | None = None,
+        profile: str = "auto",
+        key_store: str | None = None,
+        approver: Approver | None = None,
+        credit: CreditProfile | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -66,10 +75,17 @@ class Gateway:
         self.policy = _policy(policy)
         self.agent = agent or (wallet.address if wallet is not None else "default")
         self.intent = intent
+        if profile not in PROFILES:
+            raise ConfigurationError(f"unknown gateway profile {profile!r} (use one of {', '.join(PROFILES)})")
+        self.profile = profile
+        if api_key is None and profile == "aisa":
+            api_key = os.environ.get("AISA_API_KEY") or None
+        minted = load_key(key_store) if api_key is None and profile == "token-kiosk" else None
         self._owns_ledger = not isinstance(ledger, Ledger)
         self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else open_ledger(ledger, clock=clock)
         self._api_key = api_key
         catalog = prices if isinstance(prices, PriceCatalog) else PriceCatalog(prices)
+        kiosk = profile == "token-kiosk"
         config = FlowConfig(
             agent=self.agent,
             intent=intent,
@@ -77,17 +93,56 @@ class Gateway:
             prices=catalog,
             payments=PaymentMemory(),
             cost_header=cost_header,
+            payer=wallet.address if wallet is not None else None,
+            credit=credit or (CreditProfile() if profile in ("auto", "token-kiosk") else None),
+            api_key=minted,
+            mint_keys=kiosk and wallet is not None,
+            strip_fields=KIOSK_REJECTED_FIELDS if kiosk else frozenset(),
         )
         if clock is not None:
             config.clock = clock
-        self.engine = Engine(config, self.ledger, wallet, None if api_key else PLACEHOLDER_API_KEY)
+        self.engine = Engine(
+            config,
+            self.ledger,
+            wallet,
+            None if api_key else PLACEHOLDER_API_KEY,
+            approver=approver,
+            key_store=key_store,
+        )
         self.ledger.recover(config.clock())
 
     # --- what SDKs need --------------------------------------------------------------------------------------
     @property
     def api_key(self) -> str:
-        """The gateway's API key, or a placeholder for pay-per-call gateways (never sent on the wire)."""
+        """The gateway's API key, or a placeholder for pay-per-call gateways (never sent on the wire; a key llm402
+        minted is put on the wire by the transport)."""
         return self._api_key or PLACEHOLDER_API_KEY
+
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port] of the gateway."""
+        parts = urlsplit(self.base_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    # --- quotes --------------------------------------------------------------------------------------------------
+    def quote(self, body: Mapping[str, Any], path: str = "/chat/completions") -> Quote:
+        """What a request would cost, without paying: the gateway's 402 requirements and the one llm402 would pay
+        (AIsa's ``x402_probe``). Raises a typed refusal when the policy would not pay any of them."""
+        headers = {"content-type": "application/json", "accept-encoding": "identity", **self._auth_headers()}
+        response = httpx.post(f"{self.base_url}{path}", json=dict(body), headers=headers, timeout=30.0)
+        return Quote.from_response(response.status_code, response.headers, response.content, self.policy)
+
+    async def aquote(self, body: Mapping[str, Any], path: str = "/chat/completions") -> Quote:
+        """`quote`, async."""
+        headers = {"content-type": "application/json", "accept-encoding": "identity", **self._auth_headers()}
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            response = await client.post(f"{self.base_url}{path}", json=dict(body), headers=headers)
+        return Quote.from_response(response.status_code, response.headers, response.content, self.policy)
+
+    # --- credit gateways -----------------------------------------------------------------------------------------
+    def credit_account(self) -> CreditAccount:
+        """Key management, balance, usage and top-ups on a credit gateway (Token Kiosk)."""
+        return CreditAccount(self)
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
         """An ``httpx.Client`` for ``openai.OpenAI(http_client=...)``, LangChain or LlamaIndex."""
@@ -137,7 +192,8 @@ class Gateway:
         return self.prices
 
     def _auth_headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        key = self._api_key or self.engine.config.api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
 
     # --- receipts ------------------------------------------------------------------------------------------------
     @property
@@ -166,8 +222,3 @@ class Gateway:
 
     def __repr__(self) -> str:
         return f"Gateway({self.base_url!r}, agent={self.agent!r}, intent={self.intent!r}, wallet={self.wallet!r})"
-
-
-def expand(path: str) -> Path:
-    """``~`` expansion for CLI paths."""
-    return Path(path).expanduser()

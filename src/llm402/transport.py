@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from types import ModuleType
 from typing import Any, Protocol
 
+import zlib
+
 import httpx
 
 from .core import Answer, Deliver, Head, Send, StreamEnd, describe_request
@@ -49,6 +51,14 @@ class _Ending:
 def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth: str | None) -> Any:
     """The request to put on the wire: the caller's headers (minus any payment header they carried, and the
     placeholder API key an SDK insists on sending to a pay-per-call gateway), ours, and the body."""
+    if send.url is not None:  # a request of llm402's own (top-up, key mint): nothing of the caller's goes along
+        return http.Request(
+            send.method or "POST",
+            send.url,
+            headers=list(send.headers.items()),
+            content=send.body,
+            extensions=request.extensions,
+        )
     ours = {name.lower() for name in send.headers}
     headers = [
         (k, v)
@@ -118,7 +128,17 @@ class SyncMeteredStream:
             self._ending.end(aborted=True, error="closed_early")
 
 
-def _read_402_sync(response: Any) -> bytes:
+def _decoded(response: Any, raw: bytes) -> bytes:
+    """The body for parsing: gzip/deflate undone (bounded), whatever the gateway sent despite ``identity``."""
+    if response.headers.get("content-encoding", "").lower() in ("gzip", "deflate", "x-gzip"):
+        try:
+            return zlib.decompressobj(wbits=47).decompress(raw, MAX_CHALLENGE_BYTES + 1)
+        except zlib.error:
+            return b""
+    return raw
+
+
+def _read_bounded_sync(response: Any) -> bytes:
     body = bytearray()
     for chunk in response.stream:
         body += chunk
@@ -137,17 +157,16 @@ def handle_sync(
     flow = engine.flow(call)
     effect = engine.advance(flow)
     response: Any = None
+    consumed: bytes | None = None
     while True:
         if isinstance(effect, Send):
             if response is not None:
                 response.close()
             try:
                 response = inner.handle_request(_outgoing(http, request, effect, engine.placeholder_auth))
-                head = Head(
-                    response.status_code,
-                    response.headers,
-                    _read_402_sync(response) if response.status_code == 402 else None,
-                )
+                consumed = _read_bounded_sync(response) if response.status_code == 402 or effect.read_body else None
+                parsed = _decoded(response, consumed) if consumed is not None else None
+                head = Head(response.status_code, response.headers, parsed)
             except Exception as exc:
                 effect = engine.advance(flow, error=exc)  # the flow records the failure and re-raises
                 continue
@@ -159,7 +178,8 @@ def handle_sync(
         elif isinstance(effect, Deliver):
             deliver = effect
             ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
-            return _delivered(http, request, response, deliver, stream_type(response.stream, ending))
+            raw = http.ByteStream(consumed) if consumed is not None else response.stream
+            return _delivered(http, request, response, deliver, stream_type(raw, ending))
         else:
             raise RuntimeError("llm402 flow ended without an answer")
 
@@ -200,7 +220,7 @@ class AsyncMeteredStream:
             self._ending.end(aborted=True, error="closed_early")
 
 
-async def _read_402_async(response: Any) -> bytes:
+async def _read_bounded_async(response: Any) -> bytes:
     body = bytearray()
     async for chunk in response.stream:
         body += chunk
@@ -219,17 +239,17 @@ async def handle_async(
     flow = engine.flow(call)
     effect = engine.advance(flow)
     response: Any = None
+    consumed: bytes | None = None
     while True:
         if isinstance(effect, Send):
             if response is not None:
                 await response.aclose()
             try:
                 response = await inner.handle_async_request(_outgoing(http, request, effect, engine.placeholder_auth))
-                head = Head(
-                    response.status_code,
-                    response.headers,
-                    await _read_402_async(response) if response.status_code == 402 else None,
-                )
+                wanted = response.status_code == 402 or effect.read_body
+                consumed = await _read_bounded_async(response) if wanted else None
+                parsed = _decoded(response, consumed) if consumed is not None else None
+                head = Head(response.status_code, response.headers, parsed)
             except Exception as exc:
                 effect = engine.advance(flow, error=exc)
                 continue
@@ -241,7 +261,8 @@ async def handle_async(
         elif isinstance(effect, Deliver):
             deliver = effect
             ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
-            return _delivered(http, request, response, deliver, stream_type(response.stream, ending))
+            raw = http.ByteStream(consumed) if consumed is not None else response.stream
+            return _delivered(http, request, response, deliver, stream_type(raw, ending))
         else:
             raise RuntimeError("llm402 flow ended without an answer")
 

@@ -1,37 +1,12 @@
-"""End-to-end fixtures: a funded throwaway wallet on the session sandbox, and helpers that ask the sandbox."""
+"""End-to-end fixtures: a funded throwaway wallet on the session sandbox."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import httpx
 import pytest
-from llm402.sandbox import SandboxServer
+from e2e_support import SandboxView
 
 from llm402 import Wallet
-
-FUNDS = 5_000_000  # $5 of sandbox test USDC
-
-
-class SandboxView:
-    """What the sandbox itself says about a wallet (the independent side of every money check)."""
-
-    def __init__(self, server: SandboxServer) -> None:
-        self.url = server.url
-
-    def fund(self, address: str, amount: int = FUNDS) -> None:
-        httpx.post(f"{self.url}/sandbox/faucet", json={"address": address, "amount": amount}).raise_for_status()
-
-    def balance(self, address: str) -> int:
-        return int(httpx.get(f"{self.url}/sandbox/balance/{address}").json()["balance"])
-
-    def stats(self, payer: str) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/sandbox/stats", params={"payer": payer}).json()
-        return data
-
-    def settlements(self, payer: str) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = httpx.get(f"{self.url}/sandbox/settlements", params={"payer": payer}).json()
-        return data
+from llm402.sandbox import SandboxServer
 
 
 @pytest.fixture

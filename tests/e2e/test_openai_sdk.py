@@ -8,12 +8,11 @@ import logging
 import httpx
 import openai
 import pytest
-from llm402.sandbox import SandboxServer
+from e2e_support import FUNDS, SandboxView
 
 from llm402 import Gateway, Policy, Wallet
 from llm402.openai import refusal_from_error
-
-from .conftest import FUNDS, SandboxView
+from llm402.sandbox import SandboxServer
 
 OPENAI_3 = openai.__version__.startswith("3")
 DIALECTS = ["/v1", "/x402v1/v1", "/kiosk/v1"]

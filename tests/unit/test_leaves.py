@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import pickle
 from decimal import Decimal
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def test_policy_file_errors_name_the_field(tmp_path: Path) -> None:
     typo.write_text(json.dumps({"max_paymnt_usd": "1"}))
     with pytest.raises(ConfigurationError, match="max_paymnt_usd"):
         Policy.from_file(typo)
+    (tmp_path / "broken.toml").write_text("= nope")
     with pytest.raises(ConfigurationError, match="not valid"):
-        (tmp_path / "broken.toml").write_text("= nope")
         Policy.from_file(tmp_path / "broken.toml")
 
 
@@ -129,8 +130,6 @@ def test_wallet_is_redacted() -> None:
         Wallet.from_key("0x1234")
     assert "1234" not in str(info.value)
     with pytest.raises(WalletError):
-        import pickle
-
         pickle.dumps(wallet)
     env_wallet = Wallet.from_env({"LLM402_PRIVATE_KEY": key})
     assert env_wallet.address == wallet.address

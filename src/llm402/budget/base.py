@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
@@ -143,27 +143,58 @@ def order_spend(rows: Iterable[dict[str, Any]], by: str) -> list[dict[str, Any]]
     return sorted(sorted(rows, key=key_order), key=lambda row: -int(row["cost"]))
 
 
-def spend_rows(receipts: Iterable[Receipt], by: str) -> list[dict[str, Any]]:
-    """Group receipts in Python (the memory and Redis backends; SQLite groups in SQL)."""
+def spend_rows(receipts: Iterable[Receipt | Mapping[str, Any]], by: str) -> list[dict[str, Any]]:
+    """Group receipts in Python (the memory and Redis backends; SQLite groups in SQL).
+
+    Items may be `Receipt`s or their stored JSON documents, so a backend can report without rebuilding receipts.
+    """
     check_spend_group(by)
     groups: dict[str | None, dict[str, Any]] = {}
-    for receipt in receipts:
-        key = receipt_day(receipt.started_at) if by == "day" else getattr(receipt, by)
+    for item in receipts:
+        doc: Mapping[str, Any] = item if isinstance(item, Mapping) else _SpendView(item)
+        key = receipt_day(doc["started_at"]) if by == "day" else doc[by]
         row = groups.setdefault(key, {"key": key, "calls": 0, "cost": 0, "prompt_tokens": 0, "completion_tokens": 0})
         row["calls"] += 1
-        row["cost"] += receipt.cost
-        row["prompt_tokens"] += receipt.prompt_tokens
-        row["completion_tokens"] += receipt.completion_tokens
+        row["cost"] += int(doc["cost"])
+        row["prompt_tokens"] += int(doc["prompt_tokens"])
+        row["completion_tokens"] += int(doc["completion_tokens"])
     return order_spend(groups.values(), by)
 
 
-_RECEIPT_FIELDS = frozenset(f.name for f in fields(Receipt))
-_PAYMENT_FIELDS = frozenset(f.name for f in fields(PaymentRecord))
+class _SpendView(Mapping[str, Any]):
+    """A receipt read like its JSON document (only the fields the report needs)."""
+
+    __slots__ = ("_receipt",)
+
+    def __init__(self, receipt: Receipt) -> None:
+        self._receipt = receipt
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self._receipt, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_RECEIPT_NAMES)
+
+    def __len__(self) -> int:
+        return len(_RECEIPT_NAMES)
+
+
+_RECEIPT_NAMES = tuple(f.name for f in fields(Receipt))
+_PAYMENT_NAMES = tuple(f.name for f in fields(PaymentRecord))
+_RECEIPT_FIELDS = frozenset(_RECEIPT_NAMES)
+_PAYMENT_FIELDS = frozenset(_PAYMENT_NAMES)
 
 
 def receipt_to_json(receipt: Receipt) -> str:
-    """A receipt as compact JSON for durable backends (``default=str`` so an odd attempt detail cannot fail a call)."""
-    return json.dumps(receipt.to_dict(), separators=(",", ":"), default=str)
+    """A receipt as compact JSON, the same document as ``json.dumps(receipt.to_dict())``.
+
+    Built field by field rather than with ``to_dict`` (``dataclasses.asdict`` deep-copies and cost about as much as
+    the SQLite write itself); ``default=str`` so an odd value in an attempt's details cannot fail a paid call.
+    """
+    data = {name: getattr(receipt, name) for name in _RECEIPT_NAMES}
+    if receipt.payment is not None:
+        data["payment"] = {name: getattr(receipt.payment, name) for name in _PAYMENT_NAMES}
+    return json.dumps(data, separators=(",", ":"), default=str)
 
 
 def receipt_from_json(text: str | bytes) -> Receipt:

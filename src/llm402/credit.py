@@ -1,0 +1,107 @@
+"""Credit gateways (Token Kiosk, AIsa ``api_key_proxy``): SIWE messages, top-up sizing, where minted keys live.
+
+Everything here is pure except `store_key`, which the engine calls. Top-ups are transfers into prepaid credit, not
+consumption: caps count what calls cost, and a top-up is only allowed when it fits in what the caps have left.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import ConfigurationError, PolicyRefusal
+from .money import ATOMIC_PER_USD, format_usd
+from .policy import Policy
+
+SIWE_STATEMENT = "Sign in to the AI Gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class CreditProfile:
+    """Where a credit gateway keeps its credit endpoints (paths relative to the gateway's origin)."""
+
+    topup_path: str = "/v1/topup"
+    keys_path: str = "/v1/auth/keys"
+    balance_path: str = "/v1/balance/{wallet}"
+    usage_path: str = "/v1/usage/{wallet}"
+    topups_path: str = "/v1/topups/{wallet}"
+    min_topup: int = 1 * ATOMIC_PER_USD
+    chain_id: int | None = None
+    statement: str = SIWE_STATEMENT
+    insufficient_codes: frozenset[str] = frozenset({"INSUFFICIENT_BALANCE"})
+
+
+def siwe_message(address: str, origin: str, path: str, chain_id: int, statement: str = SIWE_STATEMENT) -> str:
+    """A fresh EIP-4361 message (new nonce, ``issuedAt`` now) for ``origin``: domain is its host[:port], uri the
+    endpoint it authorizes, as the gateway presents itself."""
+    from siwe import SiweMessage
+
+    _, _, netloc = origin.partition("://")
+    message = SiweMessage(
+        domain=netloc,
+        address=address,
+        uri=f"{origin}{path}",
+        version="1",
+        chain_id=chain_id,
+        issued_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        nonce=secrets.token_hex(8),
+        statement=statement,
+    )
+    text: str = message.prepare_message()
+    return text
+
+
+def topup_amount(needed: int, gateway_min: int, policy: Policy, remaining: int | None) -> int:
+    """How much to top up: at least what the call needs, the gateway's minimum and the policy's preferred size;
+    never above the policy's top-up limit or the budget left. Raises `PolicyRefusal` (``topup_refused``)."""
+    amount = max(needed, gateway_min, policy.topup_min or 0)
+    limit = policy.topup_max
+    if limit is not None and amount > limit:
+        raise PolicyRefusal(
+            f"a top-up of {format_usd(amount)} is above the policy's top-up limit of {format_usd(limit)}",
+            code="topup_refused",
+            requested=amount,
+            cap=limit,
+        )
+    if remaining is not None and amount > remaining:
+        raise PolicyRefusal(
+            f"a top-up of {format_usd(amount)} is above the {format_usd(remaining)} the budget has left",
+            code="topup_refused",
+            requested=amount,
+            remaining=remaining,
+        )
+    return amount
+
+
+def store_key(target: str, key: str) -> None:
+    """Keep a minted API key: ``env:NAME`` sets an environment variable of this process; anything else is a file
+    path, written with mode 0600 (created, or replaced atomically)."""
+    if target.startswith("env:"):
+        name = target[4:]
+        if not name:
+            raise ConfigurationError("key store 'env:' needs a variable name, e.g. env:LLM402_API_KEY")
+        os.environ[name] = key
+        return
+    path = Path(target).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    os.replace(tmp, path)
+
+
+def load_key(target: str | None) -> str | None:
+    """A key kept by `store_key`, if there is one."""
+    if not target:
+        return None
+    if target.startswith("env:"):
+        return os.environ.get(target[4:]) or None
+    path = Path(target).expanduser()
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
