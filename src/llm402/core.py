@@ -337,6 +337,7 @@ class FlowConfig:
     cost_header: bool = True
     reservation_ttl: float = DEFAULT_RESERVATION_TTL
     route: str | None = None
+    base_url: str = ""
     payer: str | None = None
     credit: CreditProfile | None = None
     api_key: str | None = None
@@ -347,6 +348,11 @@ class FlowConfig:
     def caps(self) -> Caps:
         """The policy's caps in micro-USDC."""
         return Caps(self.policy.daily_cap, self.policy.total_budget, self.policy.global_cap)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -487,7 +493,7 @@ def _mint_key(cfg: FlowConfig, call: CallRequest, credit: CreditProfile) -> Gene
             {"content-type": "application/json"},
             _json_body({"amount": credit.min_topup / 1_000_000}),
             method="POST",
-            url=call.origin + credit.topup_path,
+            url=cfg.base_url + credit.topup_path,
             read_body=True,
         )
         challenge = parse_challenge(probe.headers, probe.body or b"") if probe.status == 402 else None
@@ -498,13 +504,13 @@ def _mint_key(cfg: FlowConfig, call: CallRequest, credit: CreditProfile) -> Gene
                 code="key_mint_failed",
             )
         chain_id = int(challenge.requirements[0].network.split(":", 1)[1])
-    text = siwe_message(cfg.payer, call.origin, credit.keys_path, chain_id, credit.statement)
+    text = siwe_message(cfg.payer, cfg.base_url + credit.keys_path, chain_id, credit.statement)
     signature: str = yield SignMessage(text)
     head = yield Send(
         {"content-type": "application/json"},
         _json_body({"message": text, "signature": signature, "label": f"llm402 {cfg.agent}"[:64]}),
         method="POST",
-        url=call.origin + credit.keys_path,
+        url=cfg.base_url + credit.keys_path,
         read_body=True,
     )
     key = _read_json(head).get("key")
@@ -517,7 +523,7 @@ def _mint_key(cfg: FlowConfig, call: CallRequest, credit: CreditProfile) -> Gene
 
 
 def topup_flow(
-    cfg: FlowConfig, origin: str, credit: CreditProfile, needed: int, own_reservation: int = 0
+    cfg: FlowConfig, credit: CreditProfile, needed: int, own_reservation: int = 0
 ) -> Generator[Effect, Any, Receipt]:
     """Buy credit with an x402 payment, bounded by the policy and what the caps have left; record it apart.
 
@@ -527,7 +533,8 @@ def topup_flow(
     remaining = yield Remaining(cfg.agent, day, cfg.caps())
     budget_left = None if remaining is None else remaining + own_reservation
     amount = topup_amount(needed, credit.min_topup, cfg.policy, budget_left)
-    url = origin + credit.topup_path
+    url = cfg.base_url + credit.topup_path
+    origin = _origin(url)
     body = _json_body({"amount": float(Decimal(amount) / 1_000_000)})
     headers = {"content-type": "application/json", "accept-encoding": "identity"}
     started = cfg.clock()
@@ -659,7 +666,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             and payment is None
             and _error_code(head) in cfg.credit.insufficient_codes
         ):
-            yield from topup_flow(cfg, call.origin, cfg.credit, reserved, reserved)
+            yield from topup_flow(cfg, cfg.credit, reserved, reserved)
             head = yield Send(headers, body)
             if head.status == 402 and _error_code(head) in cfg.credit.insufficient_codes:
                 raise _Refused(

@@ -21,29 +21,30 @@ SIWE_STATEMENT = "Sign in to the AI Gateway"
 
 @dataclass(frozen=True, slots=True)
 class CreditProfile:
-    """Where a credit gateway keeps its credit endpoints (paths relative to the gateway's origin)."""
+    """Where a credit gateway keeps its credit endpoints (paths relative to its OpenAI base URL, e.g. ``.../v1``)."""
 
-    topup_path: str = "/v1/topup"
-    keys_path: str = "/v1/auth/keys"
-    balance_path: str = "/v1/balance/{wallet}"
-    usage_path: str = "/v1/usage/{wallet}"
-    topups_path: str = "/v1/topups/{wallet}"
+    topup_path: str = "/topup"
+    keys_path: str = "/auth/keys"
+    balance_path: str = "/balance/{wallet}"
+    usage_path: str = "/usage/{wallet}"
+    topups_path: str = "/topups/{wallet}"
     min_topup: int = 1 * ATOMIC_PER_USD
     chain_id: int | None = None
     statement: str = SIWE_STATEMENT
     insufficient_codes: frozenset[str] = frozenset({"INSUFFICIENT_BALANCE"})
 
 
-def siwe_message(address: str, origin: str, path: str, chain_id: int, statement: str = SIWE_STATEMENT) -> str:
-    """A fresh EIP-4361 message (new nonce, ``issuedAt`` now) for ``origin``: domain is its host[:port], uri the
-    endpoint it authorizes, as the gateway presents itself."""
+def siwe_message(address: str, uri: str, chain_id: int, statement: str = SIWE_STATEMENT) -> str:
+    """A fresh EIP-4361 message (new nonce, ``issuedAt`` now) for the endpoint ``uri``: the domain is its
+    host[:port] and the uri the endpoint itself, as the gateway presents them."""
+    from urllib.parse import urlsplit
+
     from siwe import SiweMessage
 
-    _, _, netloc = origin.partition("://")
     message = SiweMessage(
-        domain=netloc,
+        domain=urlsplit(uri).netloc,
         address=address,
-        uri=f"{origin}{path}",
+        uri=uri,
         version="1",
         chain_id=chain_id,
         issued_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),

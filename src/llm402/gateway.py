@@ -93,10 +93,11 @@ class Gateway:
             prices=catalog,
             payments=PaymentMemory(),
             cost_header=cost_header,
+            base_url=self.base_url,
             payer=wallet.address if wallet is not None else None,
             credit=credit or (CreditProfile() if profile in ("auto", "token-kiosk") else None),
             api_key=minted,
-            mint_keys=kiosk and wallet is not None,
+            mint_keys=kiosk and wallet is not None and api_key is None,
             strip_fields=KIOSK_REJECTED_FIELDS if kiosk else frozenset(),
         )
         if clock is not None:

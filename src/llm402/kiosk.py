@@ -43,7 +43,7 @@ class CreditAccount:
         return self.gateway.wallet.address
 
     def _url(self, template: str) -> str:
-        return self.gateway.origin + template.format(wallet=self._wallet_address)
+        return self.gateway.base_url + template.format(wallet=self._wallet_address)
 
     def chain_id(self) -> int:
         """The chain the gateway signs in on: configured, or read from its top-up 402."""
@@ -61,7 +61,7 @@ class CreditAccount:
         wallet = self.gateway.wallet
         if wallet is None:
             raise ConfigurationError("SIWE needs the gateway's wallet")
-        text = siwe_message(wallet.address, self.gateway.origin, self.credit.keys_path, self.chain_id())
+        text = siwe_message(wallet.address, self.gateway.base_url + self.credit.keys_path, self.chain_id())
         return {"message": text, "signature": "0x" + wallet.sign_message(text).hex()}
 
     def _json(self, response: httpx.Response) -> Any:
@@ -121,6 +121,6 @@ class CreditAccount:
         """Buy credit with an x402 payment: within the policy's top-up limit and the budget left; recorded apart."""
         amount = usd_to_atomic(amount_usd)
         engine = self.gateway.engine
-        flow = topup_flow(engine.config, self.gateway.origin, self.credit, amount)
+        flow = topup_flow(engine.config, self.credit, amount)
         receipt: Receipt = engine.run_standalone(flow, self._http)
         return receipt

@@ -1,0 +1,287 @@
+"""An in-process x402 facilitator for the ``exact`` EVM scheme with EIP-3009 ``transferWithAuthorization``.
+
+It really verifies: the EIP-712 ``TransferWithAuthorization`` signature is recovered (eth-account; coincurve makes it
+fast) under the asset's domain ``{name, version, chainId, verifyingContract: asset}`` and compared with ``from``; the
+scheme, network, asset, payee, amount, validity window, nonce and the payer's test-USDC balance are checked, each
+with its own refusal reason. Settlement moves test USDC in the sandbox's own ledger atomically with burning the nonce.
+
+Out of scope: Permit2 (``extra.assetTransferMethod: "permit2"``, USDT) and smart-wallet signatures (EIP-1271/6492):
+such payments are refused (``malformed_payment`` / ``invalid_signature``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Dialect, SandboxConfig
+from .store import Settled, SettleError, Store
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_HEX = re.compile(r"^0x[0-9a-fA-F]+$")
+_UINT = re.compile(r"^[0-9]{1,78}$")
+UINT256_MAX = 2**256 - 1
+VALIDITY_SLACK_SECONDS = 30
+"""How far beyond ``maxTimeoutSeconds`` a ``validBefore`` may reach before it counts as ``validity_too_long``."""
+
+REFUSAL_REASONS = (
+    "malformed_payment",
+    "scheme_mismatch",
+    "network_mismatch",
+    "asset_mismatch",
+    "recipient_mismatch",
+    "underpaid",
+    "amount_mismatch",
+    "not_yet_valid",
+    "expired",
+    "validity_too_long",
+    "invalid_signature",
+    "nonce_already_used",
+    "insufficient_balance",
+)
+
+
+class Refusal(Exception):
+    """A payment the facilitator will not settle: a machine-readable ``reason`` and a human message."""
+
+    def __init__(self, reason: str, message: str, payment: Payment | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.payment = payment
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """The EIP-3009 ``TransferWithAuthorization`` message."""
+
+    from_: str
+    to: str
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """A decoded payment header (x402 v2 or v1 envelope)."""
+
+    version: int
+    scheme: str | None
+    network: str | None
+    asset: str | None
+    authorization: Authorization
+    signature: str
+
+    @property
+    def payer(self) -> str:
+        """The ``from`` address."""
+        return self.authorization.from_
+
+
+def _uint(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} is not an unsigned integer")
+    if isinstance(value, int) and 0 <= value <= UINT256_MAX:
+        return value
+    if isinstance(value, str) and _UINT.match(value) and int(value) <= UINT256_MAX:
+        return int(value)
+    raise ValueError(f"{name} is not an unsigned integer string")
+
+
+def _address(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _ADDRESS.match(value):
+        raise ValueError(f"{name} is not an address")
+    return value
+
+
+def _decode_b64_json(value: str) -> Any:
+    raw = value.strip()
+    try:
+        data = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        except (binascii.Error, ValueError):
+            raise ValueError("the payment header is not base64") from None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ValueError("the payment header does not hold JSON") from None
+
+
+def decode_payment(header: str) -> Payment:
+    """Decode a ``PAYMENT-SIGNATURE`` / ``X-PAYMENT`` value. Raises `Refusal` (``malformed_payment``)."""
+    try:
+        data = _decode_b64_json(header)
+        if not isinstance(data, dict):
+            raise ValueError("the payment payload is not a JSON object")
+        version = data.get("x402Version")
+        if version not in (1, 2) or isinstance(version, bool):
+            raise ValueError(f"unsupported x402Version {str(version)[:20]!r}")
+        inner = data.get("payload")
+        if not isinstance(inner, dict):
+            raise ValueError("missing payload object")
+        auth = inner.get("authorization")
+        if not isinstance(auth, dict):
+            raise ValueError("missing payload.authorization (only EIP-3009 is supported; Permit2 is out of scope)")
+        signature = inner.get("signature")
+        if not isinstance(signature, str) or not _HEX.match(signature):
+            raise ValueError("missing or non-hex payload.signature")
+        nonce = auth.get("nonce")
+        if not isinstance(nonce, str) or not _BYTES32.match(nonce):
+            raise ValueError("authorization.nonce is not a bytes32 hex string")
+        authorization = Authorization(
+            from_=_address(auth.get("from"), "authorization.from"),
+            to=_address(auth.get("to"), "authorization.to"),
+            value=_uint(auth.get("value"), "authorization.value"),
+            valid_after=_uint(auth.get("validAfter"), "authorization.validAfter"),
+            valid_before=_uint(auth.get("validBefore"), "authorization.validBefore"),
+            nonce=nonce,
+        )
+        if version == 2:
+            accepted = data.get("accepted")
+            if not isinstance(accepted, dict):
+                raise ValueError("an x402 v2 payload needs 'accepted'")
+            scheme, network, asset = accepted.get("scheme"), accepted.get("network"), accepted.get("asset")
+        else:
+            scheme, network, asset = data.get("scheme"), data.get("network"), None
+        for name, field in (("scheme", scheme), ("network", network), ("asset", asset)):
+            if field is not None and not isinstance(field, str):
+                raise ValueError(f"{name} is not a string")
+    except ValueError as exc:
+        raise Refusal("malformed_payment", str(exc)) from None
+    return Payment(int(version), scheme, network, asset, authorization, signature)
+
+
+def peek_payer_nonce(header: str) -> tuple[str | None, str | None]:
+    """Best effort ``(from, nonce)`` of a payment header, for bookkeeping of payments that are not processed."""
+    try:
+        payment = decode_payment(header)
+    except Refusal:
+        return None, None
+    return payment.payer, payment.authorization.nonce
+
+
+def typed_data(config: SandboxConfig, auth: Authorization) -> dict[str, Any]:
+    """The EIP-712 document a payer signs for ``auth`` under the sandbox asset's domain."""
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "TransferWithAuthorization": [
+                {"name": "from", "type": "address"},
+                {"name": "to", "type": "address"},
+                {"name": "value", "type": "uint256"},
+                {"name": "validAfter", "type": "uint256"},
+                {"name": "validBefore", "type": "uint256"},
+                {"name": "nonce", "type": "bytes32"},
+            ],
+        },
+        "primaryType": "TransferWithAuthorization",
+        "domain": {
+            "name": config.asset_name,
+            "version": config.asset_version,
+            "chainId": config.chain_id,
+            "verifyingContract": config.asset,
+        },
+        "message": {
+            "from": auth.from_,
+            "to": auth.to,
+            "value": auth.value,
+            "validAfter": auth.valid_after,
+            "validBefore": auth.valid_before,
+            "nonce": bytes.fromhex(auth.nonce[2:]),
+        },
+    }
+
+
+def recover_signer(config: SandboxConfig, auth: Authorization, signature: str) -> str | None:
+    """The address that signed ``auth`` (None when the signature does not parse)."""
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+
+    try:
+        signable = encode_typed_data(full_message=typed_data(config, auth))
+        recovered: str = Account.recover_message(signable, signature=bytes.fromhex(signature[2:]))
+    except Exception:  # any malformed signature (wrong length, bad v, off-curve r/s) is simply not valid
+        return None
+    return recovered
+
+
+class Facilitator:
+    """Verify and settle EIP-3009 payments against the sandbox's test-USDC ledger."""
+
+    def __init__(self, config: SandboxConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+
+    def _expected_network(self, payment: Payment, dialect: Dialect) -> str:
+        if dialect == "v1":
+            return self.config.network_v1
+        return self.config.network
+
+    def verify(self, payment: Payment, price: int, dialect: Dialect, now: int | None = None) -> None:
+        """Raise `Refusal` unless ``payment`` pays exactly ``price`` to the payee, validly and fundedly, now."""
+        cfg = self.config
+        now = int(time.time()) if now is None else now
+        auth = payment.authorization
+
+        def refuse(reason: str, message: str) -> Refusal:
+            return Refusal(reason, message, payment)
+
+        if dialect == "v2" and payment.version != 2:
+            raise refuse("malformed_payment", "this resource takes an x402 v2 payload in PAYMENT-SIGNATURE")
+        if dialect == "v1" and payment.version != 1:
+            raise refuse("malformed_payment", "this resource takes an x402 v1 payload in X-PAYMENT")
+        if payment.scheme != "exact":
+            raise refuse("scheme_mismatch", f"scheme {str(payment.scheme)[:40]!r} is not 'exact'")
+        expected_network = self._expected_network(payment, dialect)
+        if payment.network != expected_network:
+            raise refuse("network_mismatch", f"network {str(payment.network)[:40]!r} is not {expected_network!r}")
+        if payment.asset is not None and payment.asset.lower() != cfg.asset.lower():
+            raise refuse("asset_mismatch", f"asset {payment.asset[:42]} is not {cfg.asset}")
+        if auth.to.lower() != cfg.payee.lower():
+            raise refuse("recipient_mismatch", f"authorization pays {auth.to}, not the payee {cfg.payee}")
+        if auth.value < price:
+            raise refuse("underpaid", f"authorization value {auth.value} is below the price {price}")
+        if auth.value != price:
+            raise refuse("amount_mismatch", f"authorization value {auth.value} is not the price {price}")
+        if now < auth.valid_after:
+            raise refuse("not_yet_valid", f"validAfter {auth.valid_after} is in the future (now {now})")
+        if now >= auth.valid_before:
+            raise refuse("expired", f"validBefore {auth.valid_before} has passed (now {now})")
+        if auth.valid_before > now + cfg.max_timeout_seconds + VALIDITY_SLACK_SECONDS:
+            raise refuse(
+                "validity_too_long",
+                f"validBefore {auth.valid_before} is more than maxTimeoutSeconds={cfg.max_timeout_seconds} away",
+            )
+        signer = recover_signer(cfg, auth, payment.signature)
+        if signer is None or signer.lower() != auth.from_.lower():
+            raise refuse("invalid_signature", "the signature does not recover to authorization.from")
+        if self.store.nonce_used(auth.from_, auth.nonce):
+            raise refuse("nonce_already_used", "this authorization nonce has already been used")
+        balance = self.store.usdc_balance(auth.from_)
+        if balance < auth.value:
+            raise refuse("insufficient_balance", f"payer holds {balance} test USDC, needs {auth.value}")
+
+    def settle(self, payment: Payment, path: str, *, topup_wallet: str | None = None) -> Settled:
+        """Execute the transfer (payer -> payee) and burn the nonce, atomically. Raises `Refusal` on a lost race."""
+        auth = payment.authorization
+        try:
+            return self.store.settle(
+                auth.from_, self.config.payee, auth.value, auth.nonce, path, topup_wallet=topup_wallet
+            )
+        except SettleError as exc:
+            raise Refusal(exc.reason, str(exc), payment) from None
