@@ -143,3 +143,83 @@ def refusal_from_envelope(body: bytes | str | Mapping[str, Any] | None) -> Payme
     code = str(err.get("code", "payment_required"))
     details = {k: v for k, v in err.items() if k not in {"code", "type", "message"}}
     return refusal_class(code)(str(err.get("message", code)), code=code, **details)
+
+
+class GatewayError(Llm402Error):
+    """An error the gateway itself answered (the AIsa router skill's and Token Kiosk's error tables)."""
+
+    code = "gateway_error"
+
+    def __init__(self, message: str, *, status: int, code: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        self.retry_after = retry_after
+
+
+class GatewayValidationError(GatewayError):
+    """400: missing or invalid parameters, unknown model, rejected fields."""
+
+
+class GatewayAuthError(GatewayError):
+    """401: missing, invalid or revoked API key (or SIWE signature)."""
+
+
+class InsufficientCredits(GatewayError):
+    """402 without x402 requirements: the prepaid credit is exhausted (top up, or use another key)."""
+
+
+class ModelNotFound(GatewayError):
+    """404: the model (or resource) does not exist on this gateway."""
+
+
+class GatewayRateLimited(GatewayError):
+    """429: slow down; ``retry_after`` seconds when the gateway said."""
+
+
+class GatewayServerError(GatewayError):
+    """5xx: the gateway or its upstream provider failed."""
+
+
+def gateway_error(status: int, body: bytes | str, retry_after: str | None = None) -> GatewayError | None:
+    """The typed error for a gateway's error answer (AIsa ``{"error": {"code", "message"}}`` or Token Kiosk
+    ``{"error": "CODE", "message"}``); ``None`` for a success or an llm402 refusal."""
+    if status < 400:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = {}
+    err = data.get("error") if isinstance(data, Mapping) else None
+    if isinstance(err, Mapping):
+        if err.get("type") == "llm402_refusal":
+            return None
+        code, message = err.get("code"), err.get("message")
+    else:
+        code, message = err, data.get("message") if isinstance(data, Mapping) else None
+    code_text = str(code) if code else f"http_{status}"
+    text = f"HTTP {status} {code_text}: {message or 'no message'}"[:500]
+    kind: type[GatewayError]
+    if status in {400, 422}:
+        kind = GatewayValidationError
+    elif status in (401, 403):
+        kind = GatewayAuthError
+    elif status == 402:
+        kind = InsufficientCredits
+    elif status == 404:
+        kind = ModelNotFound
+    elif status == 429:
+        kind = GatewayRateLimited
+    elif status >= 500:
+        kind = GatewayServerError
+    else:
+        kind = GatewayError
+    seconds: float | None = None
+    if retry_after:
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            seconds = None
+    return kind(text, status=status, code=code_text.lower(), retry_after=seconds)

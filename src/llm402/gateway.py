@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -31,6 +33,12 @@ KIOSK_REJECTED_FIELDS = frozenset({"thinking", "reasoning_effort"})
 PLACEHOLDER_API_KEY = "llm402-pay-per-call"
 """Sent as the SDK's api_key when a gateway is paid per call; the transport removes it before the wire."""
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # the OpenAI SDK's defaults
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One default TLS context for every client (building one costs ~50 ms)."""
+    return httpx.create_ssl_context()
 
 
 def _policy(value: Policy | str | os.PathLike[str] | Mapping[str, Any] | None) -> Policy:
@@ -149,14 +157,14 @@ class Gateway:
         """An ``httpx.Client`` for ``openai.OpenAI(http_client=...)``, LangChain or LlamaIndex."""
         kwargs.setdefault("timeout", DEFAULT_TIMEOUT)
         kwargs.setdefault("follow_redirects", True)
-        inner = httpx.HTTPTransport(limits=kwargs.pop("limits", default_limits()))
+        inner = httpx.HTTPTransport(verify=_tls_context(), limits=kwargs.pop("limits", default_limits()))
         return httpx.Client(transport=PaymentTransport(self.engine, inner), **kwargs)
 
     def async_http_client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` for ``openai.AsyncOpenAI(http_client=...)`` and async frameworks."""
         kwargs.setdefault("timeout", DEFAULT_TIMEOUT)
         kwargs.setdefault("follow_redirects", True)
-        inner = httpx.AsyncHTTPTransport(limits=kwargs.pop("limits", default_limits()))
+        inner = httpx.AsyncHTTPTransport(verify=_tls_context(), limits=kwargs.pop("limits", default_limits()))
         return httpx.AsyncClient(transport=AsyncPaymentTransport(self.engine, inner), **kwargs)
 
     def httpx2_client(self, **kwargs: Any) -> httpx2.Client:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
-from .errors import PaymentRequiredError, refusal_from_envelope
+from .errors import Llm402Error, PaymentRequiredError, gateway_error, refusal_from_envelope
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -35,3 +35,15 @@ def refusal_from_error(error: BaseException) -> PaymentRequiredError | None:
     if isinstance(error, openai.APIStatusError) and error.status_code == 402:
         return refusal_from_envelope(error.response.content)
     return None
+
+
+def typed_error(error: BaseException) -> Llm402Error | None:
+    """The llm402 view of an ``openai.APIStatusError``: a refusal, or the gateway's error mapped by its table
+    (401 `GatewayAuthError`, 402 `InsufficientCredits`, 404 `ModelNotFound`, 429 `GatewayRateLimited`, 5xx ...)."""
+    if not isinstance(error, openai.APIStatusError):
+        return None
+    refusal = refusal_from_error(error)
+    if refusal is not None:
+        return refusal
+    response = error.response
+    return gateway_error(response.status_code, response.content, response.headers.get("retry-after"))
