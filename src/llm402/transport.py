@@ -6,11 +6,10 @@ the response with its stream wrapped for metering. No policy, pricing or ledger 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import ModuleType
 from typing import Any, Protocol
-
-import zlib
 
 import httpx
 

@@ -41,6 +41,15 @@ def test_start_and_stop_are_fast_and_leak_no_thread() -> None:
         _ = server.url
 
 
+def test_loopback_round_trips_do_not_wait_for_delayed_acks(kit: Kit) -> None:
+    timings = []
+    for _ in range(15):
+        started = time.perf_counter()
+        kit.http.get("/health")
+        timings.append(time.perf_counter() - started)
+    assert sorted(timings)[len(timings) // 2] < 0.02, timings  # ~40 ms each without TCP_NODELAY
+
+
 def test_create_app_and_fixed_payee() -> None:
     assert isinstance(create_app(SandboxConfig()), Starlette)
     assert Account.from_key(PAYEE_KEY).address == PAYEE_ADDRESS == SandboxConfig().payee
