@@ -37,10 +37,10 @@ from starlette.types import Receive, Scope, Send
 
 from . import models as m
 from .auth import SiweContext, Unauthorized, hash_key, key_owner, new_api_key, verify_siwe
-from .config import Dialect, ModelSpec, SandboxConfig
+from .config import Dialect, Mode, ModelSpec, SandboxConfig
 from .dialects import CHANGED_PAYEE, Quote, challenge, payment_header, settlement_headers
 from .facilitator import Facilitator, Payment, Refusal, decode_payment, peek_payer_nonce
-from .faults import NO_FAULTS, FaultBook, Faults, FaultSpecError
+from .faults import FaultBook, Faults, FaultSpecError
 from .store import Store
 from .upstream import Upstream, UpstreamFailure, UsageBox
 
@@ -604,7 +604,7 @@ async def _credit(request: Request, st: SandboxState, job: Job, faults: Faults) 
     return _respond(st, produced, headers, faults, close)
 
 
-async def _paid(request: Request, dialect: Dialect, build: Callable[[SandboxState, Any], Job]) -> Response:
+async def _paid(request: Request, dialect: Mode, build: Callable[[SandboxState, Any], Job]) -> Response:
     st = _state(request)
     try:
         faults = st.faults.resolve(request.headers.get("x-sandbox-fault"))
@@ -623,9 +623,109 @@ async def _paid(request: Request, dialect: Dialect, build: Callable[[SandboxStat
         raise ApiError(400, str(exc)) from None
     if job.topup:
         return await _x402(request, st, "kiosk", job, faults)
+    if dialect == "free":
+        return await _free(st, job, faults)
+    if dialect == "aisa":
+        probe = request.headers.get("x-aisa-mode") == "x402_probe"
+        if "authorization" in request.headers and not probe:
+            return await _aisa_credit(request, st, job, faults)
+        return await _x402(request, st, "v2", job, faults)
     if "authorization" in request.headers:
         return await _credit(request, st, job, faults)
     return await _x402(request, st, dialect, job, faults)
+
+
+async def _free(st: SandboxState, job: Job, faults: Faults) -> Response:
+    """A plain gateway: the answer, no payment (the benchmarks' baseline and plain-gateway tests)."""
+    try:
+        if faults.upstream_error:
+            raise UpstreamFailure("injected upstream_error fault")
+        produced = await job.produce()
+    except UpstreamFailure:
+        raise ApiError(502, "Provider returned an error") from None
+    return _respond(st, produced, {}, faults)
+
+
+def _usd(micro: int) -> float:
+    """AIsa reports money as USD numbers (``usage.cost: 0.0025``); exact for 6 decimals."""
+    return float(Decimal(micro) / 1_000_000)
+
+
+async def _aisa_credit(request: Request, st: SandboxState, job: Job, faults: Faults) -> Response:
+    """AIsa ``api_key_proxy``: a prepaid credit per key, ``usage.cost`` and ``usage.credits_remaining`` on answers."""
+    store = st.store
+    try:
+        key = key_owner(store, _bearer(request))
+    except Unauthorized as exc:
+        raise ApiError(401, str(exc)) from None
+    wallet = key.wallet
+    reserved = job.quote
+    if not store.reserve(wallet, reserved):
+        raise ApiError(402, "Insufficient credits")
+    try:
+        produced = await job.produce()
+    except UpstreamFailure:
+        store.reconcile(wallet, reserved, 0)
+        raise ApiError(500, "Provider returned an error") from None
+
+    def charge(box: UsageBox) -> tuple[int, int]:
+        charged = min(job.cost(box), reserved)
+        store.reconcile(wallet, reserved, charged)
+        balance, locked = store.credit(wallet)
+        return charged, balance - locked
+
+    if produced.events is None:
+        charged, remaining = charge(produced.usage)
+        body = dict(produced.body or {})
+        if isinstance(body.get("usage"), dict):
+            body["usage"] = {**body["usage"], "cost": _usd(charged), "credits_remaining": _usd(remaining)}
+        return json_answer(body, {}, faults.oversized)
+    events = produced.events
+    charged_box: list[tuple[int, int]] = []
+
+    async def priced() -> AsyncIterator[m.StreamEvent]:
+        async for event in events:
+            if event.kind != "usage":
+                yield event
+                continue
+            charged_box.append(charge(produced.usage))
+            payload = json.loads(event.data.decode().removeprefix("data: ").strip())
+            charged, remaining = charged_box[0]
+            payload["usage"].update(cost=_usd(charged), credits_remaining=_usd(remaining))
+            yield m.StreamEvent(m.sse(payload), event.tokens, event.kind)
+
+    def close(_meter: Meter) -> None:
+        if not charged_box:
+            charged_box.append(charge(produced.usage))
+
+    produced.events = priced()
+    return _respond(st, produced, {}, faults, close)
+
+
+_AISA_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    402: "insufficient_credits",
+    404: "model_not_found",
+    429: "rate_limit_exceeded",
+    502: "server_error",
+    500: "server_error",
+}
+
+
+def _aisa_route(build: Callable[[SandboxState, Any], Job]) -> Callable[[Request], Awaitable[Response]]:
+    """The AIsa mount: its own error envelope ``{"error": {"code", "message"}}``; unknown models answer 404."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await _paid(request, "aisa", build)
+        except ApiError as exc:
+            status = 404 if exc.status == 400 and "model" in exc.message.lower() else exc.status
+            code = _AISA_CODES.get(status, "server_error")
+            body = {"error": {"code": code, "message": exc.message}}
+            return JSONResponse(body, status_code=status, headers=dict(exc.headers or {}))
+
+    return endpoint
 
 
 # --- routes ---------------------------------------------------------------------------------------------------------
@@ -658,9 +758,7 @@ def _model_routes(dialect: Dialect) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def _paid_route(
-    dialect: Dialect, build: Callable[[SandboxState, Any], Job]
-) -> Callable[[Request], Awaitable[Response]]:
+def _paid_route(dialect: Mode, build: Callable[[SandboxState, Any], Job]) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         return await _paid(request, dialect, build)
 
@@ -851,6 +949,47 @@ def api_routes(prefix: str, dialect: Dialect) -> list[BaseRoute]:
     ]
 
 
+def free_routes(prefix: str) -> list[BaseRoute]:
+    """A plain OpenAI-compatible gateway under ``{prefix}/v1``: nothing to pay (the benchmarks' baseline)."""
+    v1 = f"{prefix}/v1"
+    return [
+        Route(f"{v1}/models", list_models, methods=["GET"]),
+        Route(f"{v1}/chat/completions", _paid_route("free", _chat_job), methods=["POST"]),
+        Route(f"{v1}/embeddings", _paid_route("free", _embeddings_job), methods=["POST"]),
+        Route(f"{v1}/images/generations", _paid_route("free", _images_job), methods=["POST"]),
+    ]
+
+
+def aisa_routes(prefix: str) -> list[BaseRoute]:
+    """AIsa under ``{prefix}/v1``: ``api_key_proxy`` with a key, x402 v2 without one (or with
+    ``X-AIsa-Mode: x402_probe``); ``POST /sandbox/aisa/keys {"credits_usd"}`` issues a key."""
+    v1 = f"{prefix}/v1"
+    return [
+        Route(f"{v1}/models", list_models, methods=["GET"]),
+        Route(f"{v1}/chat/completions", _aisa_route(_chat_job), methods=["POST"]),
+        Route(f"{v1}/embeddings", _aisa_route(_embeddings_job), methods=["POST"]),
+        Route("/sandbox/aisa/keys", aisa_key, methods=["POST"]),
+    ]
+
+
+async def aisa_key(request: Request) -> Response:
+    """``POST /sandbox/aisa/keys {"credits_usd": 5}``: an AIsa-style key with prepaid credits (shown once)."""
+    body = await _json(request)
+    credits = body.get("credits_usd", 5) if isinstance(body, dict) else 5
+    try:
+        amount = int(Decimal(str(credits)) * 1_000_000)
+    except ArithmeticError:
+        raise ApiError(400, "'credits_usd' must be a number") from None
+    if not 0 <= amount <= MAX_FAUCET:
+        raise ApiError(400, "'credits_usd' is out of range")
+    st = _state(request)
+    account = "aisa:" + secrets.token_hex(8)
+    key = new_api_key()
+    st.store.create_key(account, hash_key(key), "aisa")
+    st.store.grant_credit(account, amount)
+    return JSONResponse({"key": key, "credits_usd": _usd(amount)})
+
+
 async def _api_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
@@ -891,6 +1030,8 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
         *api_routes("/x402v2", "v2"),
         *api_routes("/x402v1", "v1"),
         *api_routes("/kiosk", "kiosk"),
+        *free_routes("/free"),
+        *aisa_routes("/aisa"),
     ]
 
     @contextlib.asynccontextmanager
@@ -912,4 +1053,4 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
     return app
 
 
-__all__ = ["NO_FAULTS", "ApiError", "SandboxState", "create_app"]
+__all__ = ["ApiError", "SandboxState", "create_app"]

@@ -7,6 +7,9 @@ from decimal import Decimal
 from typing import Literal
 
 Dialect = Literal["v2", "v1", "kiosk"]
+Mode = Literal["v2", "v1", "kiosk", "free", "aisa"]
+"""How a mount answers: x402 in a dialect, ``free`` (a plain gateway: no payment), or ``aisa`` (AIsa's
+``api_key_proxy`` with prepaid credits, its error envelope and ``usage.cost``; x402 v2 without a key)."""
 DIALECTS: tuple[Dialect, ...] = ("v2", "v1", "kiosk")
 
 PAYEE_KEY = "0x730d9372e02ddd01ff19005f574e6bb719b72f1d31dff2c0dd779263d201cb80"

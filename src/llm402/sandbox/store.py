@@ -233,6 +233,17 @@ class Store:
         row = self._one("SELECT balance, locked FROM credits WHERE wallet = ?", wallet.lower())
         return (int(row["balance"]), int(row["locked"])) if row else (0, 0)
 
+    def grant_credit(self, wallet: str, amount: int) -> int:
+        """Add prepaid credit without a payment (the AIsa mount's dashboard-issued keys); answers the balance."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO credits (wallet, balance, locked) VALUES (?, ?, 0) "
+                "ON CONFLICT(wallet) DO UPDATE SET balance = balance + excluded.balance",
+                (wallet.lower(), amount),
+            )
+            row = db.execute("SELECT balance FROM credits WHERE wallet = ?", (wallet.lower(),)).fetchone()
+            return int(row["balance"])
+
     def reserve(self, wallet: str, amount: int) -> bool:
         """Lock ``amount`` of available credit atomically; False when the available credit is short."""
         with self._tx() as db:
