@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import subprocess
@@ -71,6 +72,7 @@ def import_time() -> tuple[float, float]:
 
 
 def main() -> int:
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # streams closed early on purpose (time to first chunk)
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--json", default="benchmarks/results/latest.json")

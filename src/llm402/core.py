@@ -170,6 +170,7 @@ class Deliver:
 
     headers: Mapping[str, str]
     strip_usage_event: bool
+    deadline_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +337,7 @@ class FlowConfig:
     clock: Callable[[], float] = time.time
     cost_header: bool = True
     reservation_ttl: float = DEFAULT_RESERVATION_TTL
+    max_stream_seconds: float | None = 600.0
     route: str | None = None
     base_url: str = ""
     payer: str | None = None
@@ -344,6 +346,8 @@ class FlowConfig:
     mint_keys: bool = False
     approver: bool = False
     strip_fields: frozenset[str] = frozenset()
+    policy_source: Callable[[], Policy] | None = None
+    """A live policy (e.g. an on-chain source's ``current``): read into ``policy`` at the start of every call."""
 
     def caps(self) -> Caps:
         """The policy's caps in micro-USDC."""
@@ -590,7 +594,6 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
     started = cfg.clock()
     call_id = uuid.uuid4().hex
     day = datetime.fromtimestamp(started, UTC).date().isoformat()
-    caps = cfg.caps()
 
     def receipt(**fields: Any) -> Receipt:
         return Receipt(
@@ -610,11 +613,14 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
 
     # 1. policy, before any traffic
     try:
+        if cfg.policy_source is not None:
+            cfg.policy = cfg.policy_source()
         cfg.policy.check_call(cfg.intent, call.model)
     except PolicyRefusal as refusal:
         yield Finish(call_id, 0, receipt(status=402, error=refusal.code), reserved=False)
         yield Answer.refusal(refusal)
         return
+    caps = cfg.caps()
 
     # 2. a retry of a call whose payment is outstanding re-sends that payment, and reserves nothing new
     payment = cfg.payments.reusable(call.fingerprint, started)
@@ -750,7 +756,8 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         extra["x-should-retry"] = "false"
         if cfg.cost_header and not reused:
             extra["llm402-cost"] = str(payment.amount)
-    end: StreamEnd = yield Deliver(extra, strip_usage_event=injected)
+    deadline = cfg.max_stream_seconds if call.streaming else None
+    end: StreamEnd = yield Deliver(extra, strip_usage_event=injected, deadline_seconds=deadline)
 
     # 7. reconcile to what was really charged, and leave a receipt
     ok = 200 <= head.status < 300
@@ -760,8 +767,11 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             cfg.payments.forget(call.fingerprint)
         else:
             cfg.payments.mark_unknown(call.fingerprint)
-        settled = settlement.amount if settlement and settlement.success and settlement.amount is not None else None
-        actual = 0 if reused else min(settled, payment.amount) if settled is not None else payment.amount
+        # exact-scheme authorizations move exactly their value: a settlement report cannot make a payment cheaper
+        actual = 0 if reused else payment.amount
+        if settlement is not None and settlement.payer and settlement.payer.lower() != payment.payer.lower():
+            log.warning("llm402: the gateway reported a settlement for another payer; ignoring it")
+            settlement = Settlement(False, None, None, None, None, error="settlement_for_another_payer")
     else:
         metered = _usage_cost(cfg, call.model, usage)
         if metered is not None and ok:

@@ -17,8 +17,10 @@ from .core import FlowConfig, PaymentMemory
 from .credit import CreditProfile, load_key
 from .engine import Engine, ReceiptListener
 from .errors import ConfigurationError
+from .identity import Identity, gateway_identity
 from .kiosk import CreditAccount
 from .policy import Policy
+from .policy_sources import PolicySource
 from .pricing import ModelPrice, PriceCatalog
 from .quotes import Quote
 from .receipts import Receipt
@@ -62,8 +64,8 @@ class Gateway:
         base_url: str,
         *,
         wallet: Signer | None = None,
-        policy: Policy | str | os.PathLike[str] | Mapping[str, Any] | None = None,
-        agent: str | None = None,
+        policy: Policy | PolicySource | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        agent: str | Identity | None = None,
         intent: str | None = None,
         ledger: Ledger | str | None = None,
         api_key: str | None = None,
@@ -74,14 +76,16 @@ class Gateway:
         key_store: str | None = None,
         approver: Approver | None = None,
         credit: CreditProfile | None = None,
+        max_stream_seconds: float | None = 600.0,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigurationError(f"gateway base_url must be an http(s) URL, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.wallet = wallet
-        self.policy = _policy(policy)
-        self.agent = agent or (wallet.address if wallet is not None else "default")
+        self._policy_source = policy if isinstance(policy, PolicySource) else None
+        self._policy = policy.current() if isinstance(policy, PolicySource) else _policy(policy)
+        self.agent, self.identity = gateway_identity(agent, wallet)
         self.intent = intent
         if profile not in PROFILES:
             raise ConfigurationError(f"unknown gateway profile {profile!r} (use one of {', '.join(PROFILES)})")
@@ -97,7 +101,8 @@ class Gateway:
         config = FlowConfig(
             agent=self.agent,
             intent=intent,
-            policy=self.policy,
+            policy=self._policy,
+            policy_source=self._policy_source.current if self._policy_source is not None else None,
             prices=catalog,
             payments=PaymentMemory(),
             cost_header=cost_header,
@@ -107,6 +112,7 @@ class Gateway:
             api_key=minted,
             mint_keys=kiosk and wallet is not None and api_key is None,
             strip_fields=KIOSK_REJECTED_FIELDS if kiosk else frozenset(),
+            max_stream_seconds=max_stream_seconds,
         )
         if clock is not None:
             config.clock = clock
@@ -119,6 +125,11 @@ class Gateway:
             key_store=key_store,
         )
         self.ledger.recover(config.clock())
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force: a live source's current one (read again after its TTL), or the fixed one."""
+        return self._policy_source.current() if self._policy_source is not None else self._policy
 
     # --- what SDKs need --------------------------------------------------------------------------------------
     @property

@@ -6,6 +6,8 @@ the response with its stream wrapped for metering. No policy, pricing or ledger 
 
 from __future__ import annotations
 
+import contextvars
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import ModuleType
@@ -29,14 +31,25 @@ class _Request(Protocol):
 
 
 class _Ending:
-    """Finishes a flow exactly once when a delivered body ends, aborts or is closed."""
+    """Finishes a flow exactly once when a delivered body ends, aborts or is closed; enforces the stream deadline.
 
-    def __init__(self, meter: UsageMeter, on_end: Callable[[StreamEnd], None]) -> None:
+    The finish runs in the caller's context as it was at delivery, so receipt listeners see the call's context even
+    when an abandoned stream is only closed by the garbage collector.
+    """
+
+    def __init__(
+        self, http: ModuleType, meter: UsageMeter, deliver: Deliver, on_end: Callable[[StreamEnd], None]
+    ) -> None:
         self.meter = meter
+        self._http = http
         self._on_end = on_end
         self._ended = False
+        self._context = contextvars.copy_context()
+        self._deadline = None if deliver.deadline_seconds is None else time.monotonic() + deliver.deadline_seconds
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise self._http.ReadTimeout("llm402: the stream ran past its deadline (max_stream_seconds)")
         return self.meter.feed(chunk)
 
     def end(self, *, aborted: bool, error: str | None = None) -> None:
@@ -44,7 +57,8 @@ class _Ending:
             return
         self._ended = True
         aborted = aborted and not self.meter.done
-        self._on_end(StreamEnd(self.meter.usage, aborted=aborted, error=error if aborted else None))
+        end = StreamEnd(self.meter.usage, aborted=aborted, error=error if aborted else None)
+        self._context.run(self._on_end, end)
 
 
 def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth: str | None) -> Any:
@@ -176,7 +190,8 @@ def handle_sync(
             return _local(http, request, effect)
         elif isinstance(effect, Deliver):
             deliver = effect
-            ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
+            meter = _meter(response, deliver, call.streaming)
+            ending = _Ending(http, meter, deliver, lambda end: _finish(engine, flow, end))
             raw = http.ByteStream(consumed) if consumed is not None else response.stream
             return _delivered(http, request, response, deliver, stream_type(raw, ending))
         else:
@@ -259,7 +274,8 @@ async def handle_async(
             return _local(http, request, effect)
         elif isinstance(effect, Deliver):
             deliver = effect
-            ending = _Ending(_meter(response, deliver, call.streaming), lambda end: _finish(engine, flow, end))
+            meter = _meter(response, deliver, call.streaming)
+            ending = _Ending(http, meter, deliver, lambda end: _finish(engine, flow, end))
             raw = http.ByteStream(consumed) if consumed is not None else response.stream
             return _delivered(http, request, response, deliver, stream_type(raw, ending))
         else:
