@@ -21,6 +21,7 @@ from .metering import UsageMeter
 from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS
 
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding"})
+_SECRET_HEADERS = PAYMENT_HEADERS | {"authorization"}
 
 
 class _Request(Protocol):
@@ -28,6 +29,7 @@ class _Request(Protocol):
     url: Any
     headers: Any
     extensions: Any
+    content: bytes
 
 
 class _Ending:
@@ -73,6 +75,16 @@ def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth:
             extensions=request.extensions,
         )
     ours = {name.lower() for name in send.headers}
+    if send.body is request.content and not ours & _SECRET_HEADERS:
+        # the common case (first, unpaid send with the caller's body): adjust the caller's request in place instead
+        # of building a new one; nothing secret is added, so a redirect httpx builds from it carries nothing of ours
+        for name, value in send.headers.items():
+            request.headers[name] = value
+        if placeholder_auth is not None and request.headers.get("authorization") == placeholder_auth:
+            del request.headers["authorization"]
+        for name in PAYMENT_HEADERS & {k.lower() for k in request.headers}:
+            del request.headers[name]
+        return request
     headers = [
         (k, v)
         for k, v in request.headers.multi_items()
