@@ -25,10 +25,13 @@ if TYPE_CHECKING:
     from .policy import Policy
     from .pricing import ModelPrice, PriceCatalog
     from .receipts import Receipt, current_receipt
+    from .router import Route, Router
     from .wallet import Signer, Wallet
 
 _EXPORTS = {
     "Gateway": "gateway",
+    "Router": "router",
+    "Route": "router",
     "Wallet": "wallet",
     "Signer": "wallet",
     "Policy": "policy",
@@ -50,6 +53,8 @@ _EXPORTS = {
 __all__ = [
     "__version__",
     "Gateway",
+    "Router",
+    "Route",
     "Wallet",
     "Signer",
     "Policy",

@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api-key", default=None)
         common(p)
         p.set_defaults(run=_account)
+
+    from .cli_router import register
+
+    register(sub)  # chat, vision, models, compare: the router skill's CLI surface
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Generator
@@ -39,6 +40,10 @@ from .x402 import MAX_CHALLENGE_BYTES, sign_payment
 log = logging.getLogger("llm402")
 
 ReceiptListener = Callable[[Receipt], None]
+delivery_context: contextvars.ContextVar[contextvars.Context | None] = contextvars.ContextVar(
+    "llm402_delivery_context", default=None
+)
+"""Set while a delivered body finishes: the call's context at delivery, where receipt listeners run."""
 IOEffect = Send | Deliver | Answer
 
 
@@ -158,9 +163,13 @@ class Engine:
         )
         with self._lock:
             listeners = list(self._listeners)
+        context = delivery_context.get()
         for listener in listeners:
             try:
-                listener(receipt)
+                if context is not None:
+                    context.run(listener, receipt)
+                else:
+                    listener(receipt)
             except Exception:  # a listener must never break a paid call
                 log.exception("llm402 receipt listener failed")
 

@@ -15,11 +15,14 @@ through x402's sign-in-with-x extension (`siwx_headers`).
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .errors import ConfigurationError
 from .wallet import Signer
@@ -34,6 +37,7 @@ AGENT_HEADER = "llm402-agent"
 INTENT_HEADER = "llm402-intent"
 SIWX_HEADER = "sign-in-with-x"  # x402's SIGN_IN_WITH_X extension key, also its header name
 RPC_TIMEOUT_SECONDS = 10.0
+_EVM_CHAIN = re.compile(r"eip155:[0-9]+")
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
@@ -236,6 +240,11 @@ def identity_headers(identity: Identity | str | None, intent: str | None) -> dic
     return headers
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def siwx_headers(
     extensions: Mapping[str, Any] | None,
     signer: Signer,
@@ -243,12 +252,14 @@ def siwx_headers(
     *,
     network: str | None = None,
 ) -> dict[str, str]:
-    """Answer a 402's sign-in-with-x extension: the ``sign-in-with-x`` header (a SIWE message signed by ``signer``,
-    base64 JSON as the x402 SDK encodes it), or ``{}`` when the challenge declares no EVM sign-in.
+    """Answer a 402's sign-in-with-x extension: the ``sign-in-with-x`` header (an EIP-4361 message signed by
+    ``signer``, as base64 JSON in the x402 SDK's ``SIWxPayload`` shape), or ``{}`` when the challenge declares no EVM
+    sign-in.
 
     ``request_url`` is the URL that answered the 402: a challenge whose domain or URI is another origin is refused
     (`IdentityError`), so a gateway cannot make the wallet sign in somewhere else. ``network`` (CAIP-2) picks that
-    chain when several are offered.
+    chain when several are offered. Built on the ``siwe`` package (the SDK's extension module needs ``jsonschema``
+    just to import), and checked against the SDK's verifier in the tests.
     """
     declaration = (extensions or {}).get(SIWX_HEADER)
     if not isinstance(declaration, Mapping):
@@ -260,7 +271,7 @@ def siwx_headers(
     evm = [
         str(c["chainId"])
         for c in chains
-        if isinstance(c, Mapping) and c.get("type") == "eip191" and str(c.get("chainId", "")).startswith("eip155:")
+        if isinstance(c, Mapping) and c.get("type") == "eip191" and _EVM_CHAIN.fullmatch(str(c.get("chainId", "")))
     ]
     if not evm:
         return {}
@@ -268,20 +279,45 @@ def siwx_headers(
     for required in ("domain", "uri", "nonce", "issuedAt"):
         if not isinstance(info.get(required), str) or not info[required]:
             raise IdentityError(f"the gateway's sign-in-with-x challenge has no {required}")
+    domain, uri = str(info["domain"]), str(info["uri"])
+    origin = _origin(request_url)
+    if domain != urlsplit(request_url).netloc or _origin(uri) != origin:
+        raise IdentityError(
+            f"refusing to sign in with x: the challenge is for {domain} ({_origin(uri)}), but {origin} asked for it"
+        )
+    fields: dict[str, Any] = {
+        "domain": domain,
+        "address": signer.address,
+        "uri": uri,
+        "version": str(info.get("version") or "1"),
+        "chainId": chain_id,
+        "type": "eip191",
+        "nonce": info["nonce"],
+        "issuedAt": info["issuedAt"],
+    }
+    for name in ("statement", "expirationTime", "notBefore", "requestId", "resources"):
+        if info.get(name) is not None:
+            fields[name] = info[name]
 
-    from x402.extensions.sign_in_with_x import (
-        SIWxPayload,
-        assert_siwx_challenge_bound_to_origin,
-        create_siwx_message,
-        encode_siwx_header,
-    )
+    from siwe import SiweMessage
 
-    complete = {**info, "chainId": chain_id, "type": "eip191"}
     try:
-        assert_siwx_challenge_bound_to_origin(complete, request_url)
-        message = create_siwx_message(complete, signer.address)
-    except ValueError as exc:
-        raise IdentityError(f"refusing to sign in with x: {exc}") from None
-    signature = "0x" + signer.sign_message(message).hex()
-    payload = SIWxPayload.model_validate({**complete, "address": signer.address, "signature": signature})
-    return {SIWX_HEADER: encode_siwx_header(payload)}
+        message = SiweMessage(
+            domain=domain,
+            address=signer.address,
+            statement=fields.get("statement"),
+            uri=uri,
+            version=fields["version"],
+            chain_id=int(chain_id.split(":", 1)[1]),
+            nonce=fields["nonce"],
+            issued_at=fields["issuedAt"],
+            expiration_time=fields.get("expirationTime"),
+            not_before=fields.get("notBefore"),
+            request_id=fields.get("requestId"),
+            resources=fields.get("resources"),
+        ).prepare_message()
+    except ValueError as exc:  # pydantic's ValidationError included
+        raise IdentityError(f"the gateway's sign-in-with-x challenge is not a valid SIWE message: {exc}") from None
+    fields["signature"] = "0x" + signer.sign_message(message).hex()
+    encoded = base64.b64encode(json.dumps(fields, separators=(",", ":")).encode()).decode("ascii")
+    return {SIWX_HEADER: encoded}

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import httpx
 
 from .core import Answer, Deliver, Head, Send, StreamEnd, describe_request
-from .engine import Engine
+from .engine import Engine, delivery_context
 from .metering import UsageMeter
 from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS
 
@@ -35,8 +35,8 @@ class _Request(Protocol):
 class _Ending:
     """Finishes a flow exactly once when a delivered body ends, aborts or is closed; enforces the stream deadline.
 
-    The finish runs in the caller's context as it was at delivery, so receipt listeners see the call's context even
-    when an abandoned stream is only closed by the garbage collector.
+    ``current_receipt`` is set in the context that ends the body (the consumer's); receipt listeners run in the
+    context of the call as it was at delivery, even when an abandoned stream is only closed by the garbage collector.
     """
 
     def __init__(
@@ -60,7 +60,11 @@ class _Ending:
         self._ended = True
         aborted = aborted and not self.meter.done
         end = StreamEnd(self.meter.usage, aborted=aborted, error=error if aborted else None)
-        self._context.run(self._on_end, end)
+        token = delivery_context.set(self._context)
+        try:
+            self._on_end(end)
+        finally:
+            delivery_context.reset(token)
 
 
 def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth: str | None) -> Any:

@@ -198,3 +198,21 @@ def test_placeholder_key_never_reaches_the_wire() -> None:
     gw, client = gateway(fake)
     client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {gw.api_key}"})
     assert all("authorization" not in r.headers for r in fake.requests)
+
+
+def test_current_receipt_reaches_the_caller_after_a_stream() -> None:
+    from llm402.receipts import current_receipt
+
+    sse = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\ndata: [DONE]\n\n'
+    fake = FakeGateway(v2_challenge(), lambda r: httpx.Response(200, content=sse))
+    gw, client = gateway(fake)
+    seen: list[object] = []
+    gw.on_receipt(seen.append)
+    with client.stream("POST", "http://127.0.0.1:9/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+        body = b"".join(response.iter_bytes())
+    assert b"usage" not in body
+    receipt = current_receipt.get()
+    assert receipt is not None
+    assert receipt is gw.last_receipt
+    assert seen == [receipt]
+    assert receipt.completion_tokens == 1
