@@ -342,7 +342,7 @@ class FlowConfig:
     base_url: str = ""
     payer: str | None = None
     credit: CreditProfile | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # a minted key: a secret
     mint_keys: bool = False
     approver: bool = False
     strip_fields: frozenset[str] = frozenset()
