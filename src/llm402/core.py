@@ -16,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ from .errors import (
 from .metering import Usage
 from .money import format_usd, usd_to_atomic
 from .policy import Policy
-from .pricing import PriceCatalog, estimate_cost
+from .pricing import PriceCatalog, estimate_cost, max_completion_tokens
 from .receipts import PaymentRecord, Receipt
 from .x402 import (
     Challenge,
@@ -75,6 +76,7 @@ class StreamEnd:
     usage: Usage | None
     aborted: bool = False
     error: str | None = None
+    body: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +324,92 @@ class PaymentMemory:
             return entry[0]
 
 
+class QuoteMemory:
+    """Payment requirements a gateway asked for, by request shape, so the next identical-shaped call can pay with
+    its first request (one round trip). Bounded LRU; entries expire after ``ttl`` seconds."""
+
+    def __init__(self, size: int = 1024, ttl: float = 300.0) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[Any, ...], tuple[Challenge, float]] = OrderedDict()
+        self._size = size
+        self._ttl = ttl
+
+    def get(self, key: tuple[Any, ...], now: float) -> Challenge | None:
+        """The remembered challenge for ``key``, if fresh."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[1] + self._ttl < now:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: tuple[Any, ...], challenge: Challenge, now: float) -> None:
+        """Remember what this shape of request cost."""
+        with self._lock:
+            self._entries[key] = (challenge, now)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def forget(self, key: tuple[Any, ...]) -> None:
+        """The gateway asked for something else: drop the stale quote."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+def quote_key(call: CallRequest) -> tuple[Any, ...]:
+    """What a price depends on, conservatively: endpoint, model, completion budget, streaming, body size."""
+    budget = max_completion_tokens(call.json) if call.json is not None else None
+    return (call.method, call.url, call.model, budget, call.streaming, len(call.body))
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """A deterministic answer kept by the opt-in response cache."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = field(repr=False)
+    cost: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ResponseCache:
+    """Opt-in cache of deterministic answers (temperature 0 or a seed; same model, messages, tools): an identical
+    request is answered locally and never paid twice. Bounded LRU by entries."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, CachedAnswer] = OrderedDict()
+        self._size = size
+
+    @staticmethod
+    def cacheable(call: CallRequest) -> bool:
+        """Non-streamed requests whose answer is deterministic."""
+        data = call.json
+        if data is None or call.streaming or call.method != "POST":
+            return False
+        if call.path.endswith("/embeddings"):
+            return True
+        return data.get("temperature") == 0 or data.get("seed") is not None
+
+    def get(self, call: CallRequest) -> CachedAnswer | None:
+        """The cached answer to this exact request."""
+        with self._lock:
+            hit = self._entries.get(call.fingerprint)
+            if hit is not None:
+                self._entries.move_to_end(call.fingerprint)
+            return hit
+
+    def put(self, call: CallRequest, answer: CachedAnswer) -> None:
+        """Keep an answer."""
+        with self._lock:
+            self._entries[call.fingerprint] = answer
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
 # --- configuration the flow reads ------------------------------------------------------------------------------
 
 
@@ -334,6 +422,8 @@ class FlowConfig:
     policy: Policy
     prices: PriceCatalog = field(default_factory=PriceCatalog)
     payments: PaymentMemory = field(default_factory=PaymentMemory)
+    quotes: QuoteMemory = field(default_factory=QuoteMemory)
+    cache: ResponseCache | None = None
     clock: Callable[[], float] = time.time
     cost_header: bool = True
     reservation_ttl: float = DEFAULT_RESERVATION_TTL
@@ -622,7 +712,16 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         return
     caps = cfg.caps()
 
-    # 2. a retry of a call whose payment is outstanding re-sends that payment, and reserves nothing new
+    # 2. a deterministic request answered before is answered from the cache: nothing is sent or paid
+    cacheable = cfg.cache is not None and cfg.cache.cacheable(call)
+    hit = cfg.cache.get(call) if cfg.cache is not None and cacheable else None
+    if hit is not None:
+        tokens = {"prompt_tokens": hit.prompt_tokens, "completion_tokens": hit.completion_tokens}
+        yield Finish(call_id, 0, receipt(status=hit.status, cache_hit=True, saved=hit.cost, **tokens), reserved=False)
+        yield Answer(hit.status, {**dict(hit.headers), "x-llm402-cache": "hit"}, hit.body)
+        return
+
+    # 3. a retry of a call whose payment is outstanding re-sends that payment, and reserves nothing new
     payment = cfg.payments.reusable(call.fingerprint, started)
     reused = payment is not None
     estimate = 0 if reused else estimate_cost(cfg.prices.lookup(call.model), call.json)
@@ -639,6 +738,8 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
     headers: dict[str, str] = {"accept-encoding": "identity"}
     if payment is not None:
         headers[payment.header_name] = payment.header_value
+
+    prepaid: SignedPayment | None = None
 
     def failed(exc: BaseException, status: int | None = None) -> Finish:
         """A paid attempt that ended without an answer counts the payment as spent (it may have settled)."""
@@ -659,11 +760,38 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         if cfg.api_key is not None:
             headers["authorization"] = f"Bearer {cfg.api_key}"
 
+        # one round trip: this request shape's price is known, so the payment goes with the first request
+        shape = quote_key(call)
+        known = cfg.quotes.get(shape, started) if cfg.policy.one_round_trip and payment is None else None
+        if known is not None:
+            try:
+                requirement = select_requirement(known, cfg.policy)
+                check_transport_security(call.url, requirement.network, cfg.policy)
+            except PaymentRequiredError:
+                known = None  # the policy changed: pay the ordinary way, if at all
+        if known is not None:
+            if requirement.amount > reserved:
+                yield Grow(call_id, requirement.amount, caps)
+                reserved = requirement.amount
+            prepaid = yield from _authorize(cfg, known, requirement, call.url, call.model, "call")
+            cfg.payments.remember(call.fingerprint, prepaid)
+            yield Expose(call_id, prepaid.amount, prepaid.valid_before)
+            headers[prepaid.header_name] = prepaid.header_value
+            payment = prepaid
+
         try:
             head: Head = yield Send(headers, body)
         except BaseException as exc:
             yield failed(exc)
             raise
+        paid_up_front = payment is not None and not reused and head.status != 402
+        outstanding = 0
+        if prepaid is not None and head.status == 402:
+            # the gateway did not take the payment sent up front: it stays exposure until it expires; pay the new quote
+            cfg.quotes.forget(shape)
+            cfg.payments.forget(call.fingerprint)
+            headers.pop(prepaid.header_name, None)
+            payment, outstanding = None, prepaid.amount
 
         # 4. credit exhausted: top up (an x402 payment of its own) and replay once
         if (
@@ -704,10 +832,11 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             chosen = _choose(head, call.url, cfg.policy)
             if chosen is not None:
                 challenge, requirement = chosen
-                if requirement.amount > reserved:  # the quote is above the estimate: grow before signing
-                    yield Grow(call_id, requirement.amount, caps)
-                    reserved = requirement.amount
+                if requirement.amount + outstanding > reserved:  # the quote is above the estimate: grow first
+                    yield Grow(call_id, requirement.amount + outstanding, caps)
+                    reserved = requirement.amount + outstanding
                 payment = yield from _authorize(cfg, challenge, requirement, call.url, call.model, "call")
+                cfg.quotes.put(shape, challenge, started)
     except _Refused as refused:
         yield Finish(call_id, 0, receipt(status=refused.status, error=refused.error.code, reserved=reserved))
         yield Answer.refusal(refused.error, refused.status)
@@ -716,9 +845,10 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         yield Finish(call_id, 0, receipt(status=402, error=refusal.code, reserved=reserved))
         yield Answer.refusal(refusal)
         return
-    if payment is not None and not reused:
+    if payment is not None and not reused and not paid_up_front:
         cfg.payments.remember(call.fingerprint, payment)
-        yield Expose(call_id, payment.amount, payment.valid_before)
+        valid_before = max(payment.valid_before, prepaid.valid_before if prepaid is not None else 0)
+        yield Expose(call_id, payment.amount + outstanding, valid_before)
         headers[payment.header_name] = payment.header_value
         try:
             head = yield Send(headers, body)
@@ -781,6 +911,19 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         else:
             actual = 0
     error = end.error or (None if ok else f"http_{head.status}")
+    if cacheable and cfg.cache is not None and ok and not end.aborted and end.body is not None:
+        kept = tuple((k, v) for k, v in head.headers.items() if k.lower() in ("content-type",))
+        cfg.cache.put(
+            call,
+            CachedAnswer(
+                head.status,
+                kept,
+                end.body,
+                actual,
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+            ),
+        )
     yield Finish(
         call_id,
         actual,

@@ -13,7 +13,7 @@ import httpx
 
 from .approval import Approver
 from .budget import Ledger, open_ledger
-from .core import FlowConfig, PaymentMemory
+from .core import FlowConfig, PaymentMemory, ResponseCache
 from .credit import CreditProfile, load_key
 from .engine import Engine, ReceiptListener
 from .errors import ConfigurationError
@@ -41,6 +41,13 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # the OpenAI SDK's defaults
 def _tls_context() -> ssl.SSLContext:
     """One default TLS context for every client (building one costs ~50 ms)."""
     return httpx.create_ssl_context()
+
+
+def _response_cache(setting: bool | int) -> ResponseCache | None:
+    """``True`` for the default size, a number of entries, or off."""
+    if setting is False or setting == 0:
+        return None
+    return ResponseCache() if setting is True else ResponseCache(int(setting))
 
 
 def _policy(value: Policy | str | os.PathLike[str] | Mapping[str, Any] | None) -> Policy:
@@ -77,6 +84,7 @@ class Gateway:
         approver: Approver | None = None,
         credit: CreditProfile | None = None,
         max_stream_seconds: float | None = 600.0,
+        response_cache: bool | int = False,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -113,6 +121,7 @@ class Gateway:
             mint_keys=kiosk and wallet is not None and api_key is None,
             strip_fields=KIOSK_REJECTED_FIELDS if kiosk else frozenset(),
             max_stream_seconds=max_stream_seconds,
+            cache=_response_cache(response_cache),
         )
         if clock is not None:
             config.clock = clock

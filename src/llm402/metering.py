@@ -80,6 +80,8 @@ class UsageMeter:
         self._strip = strip_usage_event and streaming and self._inflate is None and not self._opaque
         self._buffer = bytearray()
         self._overflow = False
+        self.body: bytes | None = None
+        """The whole (decoded) body of a non-streamed answer, kept for the response cache."""
 
     def feed(self, chunk: bytes) -> bytes:
         """Account for ``chunk``; return what to pass on."""
@@ -116,8 +118,9 @@ class UsageMeter:
                 self._event(rest)
             return rest if self._strip else b""
         if not self._overflow and self._buffer:
+            self.body = bytes(self._buffer)
             with contextlib.suppress(ValueError):
-                self.usage = usage_from_json(json.loads(bytes(self._buffer))) or self.usage
+                self.usage = usage_from_json(json.loads(self.body)) or self.usage
         self._buffer.clear()
         return b""
 

@@ -50,6 +50,8 @@ class Receipt:
     route: str | None = None
     attempts: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     credits_remaining: str | None = None
+    cache_hit: bool = False
+    saved: int = 0
 
     @property
     def cost_usd(self) -> Decimal:

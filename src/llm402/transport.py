@@ -59,7 +59,7 @@ class _Ending:
             return
         self._ended = True
         aborted = aborted and not self.meter.done
-        end = StreamEnd(self.meter.usage, aborted=aborted, error=error if aborted else None)
+        end = StreamEnd(self.meter.usage, aborted=aborted, error=error if aborted else None, body=self.meter.body)
         token = delivery_context.set(self._context)
         try:
             self._on_end(end)
