@@ -436,6 +436,8 @@ class FlowConfig:
     mint_keys: bool = False
     approver: bool = False
     strip_fields: frozenset[str] = frozenset()
+    identity_headers: Mapping[str, str] = field(default_factory=dict)
+    """Who calls and why (``llm402-agent``, ``llm402-intent``), sent with every request."""
     policy_source: Callable[[], Policy] | None = None
     """A live policy (e.g. an on-chain source's ``current``): read into ``policy`` at the start of every call."""
 
@@ -735,7 +737,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
 
     body, injected = with_usage_requested(call)
     body = _strip_fields(cfg, call, body)
-    headers: dict[str, str] = {"accept-encoding": "identity"}
+    headers: dict[str, str] = {"accept-encoding": "identity", **cfg.identity_headers}
     if payment is not None:
         headers[payment.header_name] = payment.header_value
 

@@ -114,6 +114,7 @@ POLICY_CODES = frozenset(
         "no_acceptable_requirement",
         "approval_denied",
         "topup_refused",
+        "policy_unavailable",
     }
 )
 

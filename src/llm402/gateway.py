@@ -17,7 +17,7 @@ from .core import FlowConfig, PaymentMemory, ResponseCache
 from .credit import CreditProfile, load_key
 from .engine import Engine, ReceiptListener
 from .errors import ConfigurationError
-from .identity import Identity, gateway_identity
+from .identity import Identity, gateway_identity, identity_headers
 from .kiosk import CreditAccount
 from .policy import Policy
 from .policy_sources import PolicySource
@@ -122,6 +122,7 @@ class Gateway:
             strip_fields=KIOSK_REJECTED_FIELDS if kiosk else frozenset(),
             max_stream_seconds=max_stream_seconds,
             cache=_response_cache(response_cache),
+            identity_headers=identity_headers(self.identity, intent),
         )
         if clock is not None:
             config.clock = clock

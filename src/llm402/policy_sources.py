@@ -222,7 +222,7 @@ class RefreshingPolicySource:
             if now >= self._fresh_until:
                 self._read(now)
             if self._error is not None:
-                raise PolicyUnavailable(f"no policy from {self.describe()}: {self._error}", code="policy_unavailable")
+                raise PolicyUnavailable(f"no policy from {self.describe()}: {self._error}")
             if self._policy is None:
                 raise PolicyUnavailable(f"no policy from {self.describe()}: its source is unreachable")
             return self._policy

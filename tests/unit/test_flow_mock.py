@@ -216,3 +216,11 @@ def test_current_receipt_reaches_the_caller_after_a_stream() -> None:
     assert receipt is gw.last_receipt
     assert seen == [receipt]
     assert receipt.completion_tokens == 1
+
+
+def test_identity_travels_in_headers() -> None:
+    fake = FakeGateway(v2_challenge(), ok)
+    _, client = gateway(fake, intent="judging")
+    client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT)
+    assert all(r.headers["llm402-intent"] == "judging" for r in fake.requests)
+    assert all(r.headers["llm402-agent"].startswith("0x") for r in fake.requests)
