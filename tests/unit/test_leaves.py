@@ -146,3 +146,39 @@ def test_keystore_round_trip(tmp_path: Path) -> None:
     assert loaded.address == wallet.address
     with pytest.raises(WalletError, match="wrong password"):
         Wallet.from_keystore(path, "nope")
+
+
+def test_fast_eip3009_signatures_equal_eth_account() -> None:
+    import random
+
+    from eth_account import Account
+
+    rng = random.Random(3009)
+    wallet = Wallet.create()
+    account = Account.from_key(wallet.export_private_key())
+    fields = [
+        ("from", "address"),
+        ("to", "address"),
+        ("value", "uint256"),
+        ("validAfter", "uint256"),
+        ("validBefore", "uint256"),
+        ("nonce", "bytes32"),
+    ]
+    types = {"TransferWithAuthorization": [{"name": n, "type": t} for n, t in fields]}
+    for _ in range(50):
+        domain = {
+            "name": rng.choice(["USDC", "USD Coin"]),
+            "version": "2",
+            "chainId": rng.choice([1, 8453, 84532]),
+            "verifyingContract": "0x" + bytes(rng.randrange(256) for _ in range(20)).hex(),
+        }
+        message = {
+            "from": wallet.address,
+            "to": "0x" + bytes(rng.randrange(256) for _ in range(20)).hex(),
+            "value": str(rng.randrange(1, 2**96)),
+            "validAfter": "0",
+            "validBefore": str(rng.randrange(2**40)),
+            "nonce": "0x" + bytes(rng.randrange(256) for _ in range(32)).hex(),
+        }
+        expected = account.sign_typed_data(domain_data=domain, message_types=types, message_data=message)
+        assert wallet.sign_typed_data(domain, types, "TransferWithAuthorization", message) == bytes(expected.signature)
