@@ -18,6 +18,7 @@ from typing import Any
 
 MAX_JSON_BYTES = 8 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_USAGE_OBJECT = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
 
 
 @dataclass(slots=True)
@@ -62,6 +63,24 @@ def usage_from_json(data: Any) -> Usage | None:
             prompt_tokens=_int(meta.get("promptTokenCount")),
             completion_tokens=_int(meta.get("candidatesTokenCount")),
         )
+    return None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _tail_usage(body: bytes) -> Usage | None:
+    """The last ``usage`` / ``usageMetadata`` object of a JSON answer, decoded alone (not the whole body)."""
+    match = None
+    for match in _USAGE_OBJECT.finditer(body):  # noqa: B007 - the last one is the answer's own
+        pass
+    if match is None:
+        return None
+    key = "usageMetadata" if match.group(0).startswith(b'"usageMetadata') else "usage"
+    text = body[match.end() - 1 :].decode("utf-8", errors="replace")
+    with contextlib.suppress(ValueError):
+        value, _ = _DECODER.raw_decode(text)
+        return usage_from_json({key: value})
     return None
 
 
@@ -119,8 +138,7 @@ class UsageMeter:
             return rest if self._strip else b""
         if not self._overflow and self._buffer:
             self.body = bytes(self._buffer)
-            with contextlib.suppress(ValueError):
-                self.usage = usage_from_json(json.loads(self.body)) or self.usage
+            self.usage = _tail_usage(self.body) or self.usage
         self._buffer.clear()
         return b""
 
@@ -149,6 +167,8 @@ class UsageMeter:
             self.done = True
             return True
         self.events += 1
+        if _USAGE_OBJECT.search(payload) is None:  # most events carry no usage: skip the JSON parse
+            return True
         try:
             data = json.loads(payload)
         except ValueError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,14 +29,16 @@ class _Reservation:
 class MemoryLedger:
     """In-process ledger (``memory://``). Thread-safe; not shared between processes."""
 
-    def __init__(self, clock: object = time.time) -> None:
+    def __init__(self, clock: object = time.time, max_receipts: int = 10_000) -> None:
+        """``max_receipts`` bounds the receipts kept (the oldest go first): spent totals are counters and stay
+        exact, but a long-running process must not grow without bound."""
         self._lock = threading.Lock()
         self._clock = clock
         self._open: dict[str, _Reservation] = {}
         self._spent_day: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._spent_agent: defaultdict[str, int] = defaultdict(int)
         self._spent_global = 0
-        self._receipts: list[Receipt] = []
+        self._receipts: deque[Receipt] = deque(maxlen=max_receipts)
 
     # all helpers below run under self._lock
     def _sweep(self, now: float) -> int:
