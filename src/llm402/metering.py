@@ -85,19 +85,19 @@ def _tail_usage(body: bytes) -> Usage | None:
 
 
 class UsageMeter:
-    """Incremental parser of a response body. Feed raw wire bytes; read `usage`, `done`, `events` afterwards."""
+    """Incremental parser of a response body. Feed raw wire bytes; read `usage` and `done` afterwards."""
 
     def __init__(self, *, streaming: bool, content_encoding: str | None = None, strip_usage_event: bool = False):
         self.streaming = streaming
         self.usage: Usage | None = None
         self.done = False
-        self.events = 0
         self.bytes_seen = 0
         encoding = (content_encoding or "").lower().strip()
         self._inflate = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
         self._opaque = encoding not in ("", "identity", "gzip", "deflate", "x-gzip")
         self._strip = strip_usage_event and streaming and self._inflate is None and not self._opaque
         self._buffer = bytearray()
+        self._carry = b""
         self._overflow = False
         self.body: bytes | None = None
         """The whole (decoded) body of a non-streamed answer, kept for the response cache."""
@@ -120,10 +120,24 @@ class UsageMeter:
             else:
                 self._overflow = True
             return chunk
-        self._buffer += data
         if not self._strip:
-            self._drain_events(None)
+            window = self._carry + data
+            self._carry = window[-24:]
+            interesting = b"[DONE]" in window or _USAGE_OBJECT.search(window) or _USAGE_OBJECT.search(self._buffer)
+            if interesting:
+                self._buffer += data
+                self._drain_events(None)
+            else:  # nothing to read here: keep only the event still open at the end of the chunk
+                lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+                cut = max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
+                if cut >= 0:
+                    self._buffer = bytearray(data[cut:])
+                else:
+                    self._buffer += data
+                    if len(self._buffer) > MAX_JSON_BYTES:
+                        self._buffer.clear()
             return chunk
+        self._buffer += data
         out = bytearray()
         self._drain_events(out)
         return bytes(out)
@@ -166,7 +180,6 @@ class UsageMeter:
         if payload == b"[DONE]":
             self.done = True
             return True
-        self.events += 1
         if _USAGE_OBJECT.search(payload) is None:  # most events carry no usage: skip the JSON parse
             return True
         try:
