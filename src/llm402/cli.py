@@ -61,7 +61,10 @@ def _spend(args: argparse.Namespace) -> int:
 
     ledger = open_ledger(args.ledger)
     rows = ledger.spend_report(args.by, _since(args.since))
-    shown = [{**row, "cost_usd": format_usd(int(row["cost"]))} for row in rows]
+    shown = [
+        {**row, "cost_usd": format_usd(int(row["cost"])), "saved_usd": format_usd(int(row.get("saved", 0)))}
+        for row in rows
+    ]
     _print(args, f"spend by {args.by}", shown)
     policy = Policy.from_env()
     if args.agent and not args.json:

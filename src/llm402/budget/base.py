@@ -153,9 +153,12 @@ def spend_rows(receipts: Iterable[Receipt | Mapping[str, Any]], by: str) -> list
     for item in receipts:
         doc: Mapping[str, Any] = item if isinstance(item, Mapping) else _SpendView(item)
         key = receipt_day(doc["started_at"]) if by == "day" else doc[by]
-        row = groups.setdefault(key, {"key": key, "calls": 0, "cost": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        row = groups.setdefault(
+            key, {"key": key, "calls": 0, "cost": 0, "saved": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        )
         row["calls"] += 1
         row["cost"] += int(doc["cost"])
+        row["saved"] += int(doc.get("saved") or 0)
         row["prompt_tokens"] += int(doc["prompt_tokens"])
         row["completion_tokens"] += int(doc["completion_tokens"])
     return order_spend(groups.values(), by)

@@ -90,8 +90,9 @@ _RESERVED = (
 )
 # One constant query per grouping: the column name is never interpolated from input.
 _REPORT_SELECT = (
-    "SELECT {col}, COUNT(*), COALESCE(SUM(cost), 0), COALESCE(SUM(prompt_tokens), 0), "
-    "COALESCE(SUM(completion_tokens), 0) FROM receipts WHERE started_at >= ? GROUP BY {col}"
+    "SELECT {col}, COUNT(*), COALESCE(SUM(cost), 0), COALESCE(SUM(json_extract(data, '$.saved')), 0), "
+    "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM receipts WHERE started_at >= ? "
+    "GROUP BY {col}"
 )
 _REPORTS = {col: _REPORT_SELECT.format(col=col) for col in ("agent", "intent", "model", "day")}
 
@@ -364,10 +365,11 @@ class SqliteLedger:
                     "key": key,
                     "calls": int(calls),
                     "cost": int(cost),
+                    "saved": int(saved),
                     "prompt_tokens": int(pt),
                     "completion_tokens": int(ct),
                 }
-                for key, calls, cost, pt, ct in rows
+                for key, calls, cost, saved, pt, ct in rows
             ),
             by,
         )
