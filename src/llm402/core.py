@@ -29,6 +29,7 @@ from .budget.base import DEFAULT_RESERVATION_TTL, Caps, Hold
 from .credit import CreditProfile, siwe_message, topup_amount
 from .errors import (
     REFUSAL_HEADER,
+    ApiKeyRejected,
     InsecureGateway,
     PaymentOutcomeUnknown,
     PaymentRejected,
@@ -813,10 +814,9 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
                 )
         if head.status == 401 and cfg.credit is not None:
             raise _Refused(
-                PaymentRequiredError(
+                ApiKeyRejected(
                     f"the gateway rejected the API key ({_reason(head)}): it may be revoked; mint a new one with "
-                    "`llm402 keys create`, or leave api_key unset to let llm402 mint one",
-                    code="api_key_rejected",
+                    "`llm402 keys create`, or leave api_key unset to let llm402 mint one"
                 ),
                 status=401,
             )
@@ -908,8 +908,10 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         metered = _usage_cost(cfg, call.model, usage)
         if metered is not None and ok:
             actual = metered
-        elif ok and end.aborted:
-            actual = reserved  # invariant 5: an aborted stream without usage reconciles by its reservation
+        elif ok:
+            # no usage reported (an aborted stream, or a gateway that never sends it): reconcile by the reservation,
+            # an upper bound, rather than recording a priced call as free (invariant 5)
+            actual = reserved
         else:
             actual = 0
     error = end.error or (None if ok else f"http_{head.status}")

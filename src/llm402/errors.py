@@ -87,6 +87,12 @@ class PaymentOutcomeUnknown(PaymentRequiredError):
     code = "payment_outcome_unknown"
 
 
+class ApiKeyRejected(PaymentRequiredError):
+    """A credit gateway rejected the API key (revoked or invalid); the message names the fix."""
+
+    code = "api_key_rejected"
+
+
 class SignerError(PaymentRequiredError):
     """The signer failed to produce a payment signature."""
 
@@ -100,6 +106,7 @@ _REFUSALS: dict[str, type[PaymentRequiredError]] = {
     "payment_rejected": PaymentRejected,
     "payment_outcome_unknown": PaymentOutcomeUnknown,
     "signer_error": SignerError,
+    "api_key_rejected": ApiKeyRejected,
 }
 POLICY_CODES = frozenset(
     {

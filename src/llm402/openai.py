@@ -32,8 +32,8 @@ def async_openai_client(gateway: Gateway, **kwargs: Any) -> openai.AsyncOpenAI:
 
 def refusal_from_error(error: BaseException) -> PaymentRequiredError | None:
     """The llm402 refusal behind an ``openai.APIStatusError`` (``None`` if it is a gateway's own error)."""
-    if isinstance(error, openai.APIStatusError) and error.status_code == 402:
-        return refusal_from_envelope(error.response.content)
+    if isinstance(error, openai.APIStatusError):
+        return refusal_from_envelope(error.response.content)  # 402 refusals, and a rejected key's 401
     return None
 
 

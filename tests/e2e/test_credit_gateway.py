@@ -106,11 +106,12 @@ def test_revoked_key_names_the_fix(sandbox: SandboxServer, view: SandboxView, wa
     )
     with pytest.raises(openai.AuthenticationError) as info:
         client_for(revoked).chat.completions.create(model="sandbox/small", messages=MESSAGES)  # type: ignore[arg-type]
-    refusal = refusal_from_error(info.value) or None
+    refusal = refusal_from_error(info.value)
     body = info.value.response.json()["error"]
     assert body["code"] == "api_key_rejected"
     assert "llm402 keys create" in body["message"]
-    assert refusal is None  # a 401, not a 402: the SDK's AuthenticationError carries it
+    assert refusal is not None
+    assert refusal.code == "api_key_rejected"  # a 401 the SDK raises as AuthenticationError, typed by llm402
     assert created["key"] not in info.value.response.text
 
 
