@@ -55,6 +55,7 @@ log = logging.getLogger("llm402")
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):(?:generateContent|streamGenerateContent)$")
 REUSE_MARGIN_SECONDS = 5.0
 _MICRO = Decimal("0.000001")
+SIGN_IN_WITH_X = "sign-in-with-x"  # x402's extension key (and header name) for proving who pays
 TESTNET_CHAIN_IDS = frozenset({84532, 11155111, 421614, 11155420, 80002, 43113, 97, 4002, 1337, 31337})
 
 
@@ -152,6 +153,15 @@ class Approve:
 
 
 @dataclass(frozen=True, slots=True)
+class SignIn:
+    """Answer a 402's sign-in-with-x extension; the result is the headers to add to the replay (maybe none)."""
+
+    extensions: Mapping[str, Any]
+    url: str
+    network: str
+
+
+@dataclass(frozen=True, slots=True)
 class Remaining:
     """How much every cap still admits for this agent today (``None``: no cap); the result is ``int | None``."""
 
@@ -218,6 +228,7 @@ Effect = (
     | Approve
     | Remaining
     | Record
+    | SignIn
 )
 
 
@@ -758,7 +769,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
 
     try:
         # 3. credit gateways: an API key minted by SIWE when none is configured
-        if cfg.credit is not None and cfg.api_key is None and cfg.mint_keys:
+        if cfg.credit is not None and cfg.api_key is None and cfg.mint_keys and call.method == "POST":
             cfg.api_key = yield from _mint_key(cfg, call, cfg.credit)
         if cfg.api_key is not None:
             headers["authorization"] = f"Bearer {cfg.api_key}"
@@ -839,6 +850,8 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
                     reserved = requirement.amount + outstanding
                 payment = yield from _authorize(cfg, challenge, requirement, call.url, call.model, "call")
                 cfg.quotes.put(shape, challenge, started)
+                if challenge.extensions and SIGN_IN_WITH_X in challenge.extensions:
+                    headers.update((yield SignIn(dict(challenge.extensions), call.url, requirement.network)))
     except _Refused as refused:
         yield Finish(call_id, 0, receipt(status=refused.status, error=refused.error.code, reserved=reserved))
         yield Answer.refusal(refused.error, refused.status)

@@ -28,6 +28,7 @@ from .core import (
     Reserve,
     Send,
     Sign,
+    SignIn,
     SignMessage,
     StoreKey,
     call_flow,
@@ -122,11 +123,24 @@ class Engine:
                 store_key(self.key_store, effect.key)
             log.info("llm402 minted an API key for %s", self.config.agent)
             return None
+        if isinstance(effect, SignIn):
+            return self._sign_in(effect)
         if isinstance(effect, Approve):
             if self.approver is None:
                 return Approval.approve()
             return self.approver(effect.proposal)
         raise TypeError(f"not a ledger or signer effect: {type(effect).__name__}")
+
+    def _sign_in(self, effect: SignIn) -> dict[str, str]:
+        from .errors import PaymentRequiredError
+        from .identity import IdentityError, siwx_headers
+
+        if self.signer is None:
+            return {}
+        try:
+            return siwx_headers(effect.extensions, self.signer, effect.url, network=effect.network)
+        except IdentityError as exc:
+            raise PaymentRequiredError(str(exc), code="sign_in_refused") from None
 
     def _remaining(self, effect: Remaining) -> int | None:
         totals = self.ledger.totals(effect.agent, effect.day)

@@ -25,6 +25,7 @@ class CreditAccount:
         self.gateway = gateway
         self.credit: CreditProfile = gateway.engine.config.credit or CreditProfile()
         self._http = httpx.Client(timeout=timeout)
+        self._chain_id: int | None = None
 
     def close(self) -> None:
         """Close the account's http client."""
@@ -46,16 +47,19 @@ class CreditAccount:
         return self.gateway.base_url + template.format(wallet=self._wallet_address)
 
     def chain_id(self) -> int:
-        """The chain the gateway signs in on: configured, or read from its top-up 402."""
+        """The chain the gateway signs in on: configured, or read once from its top-up 402."""
         if self.credit.chain_id is not None:
             return self.credit.chain_id
+        if self._chain_id is not None:
+            return self._chain_id
         from .x402 import parse_challenge
 
         probe = self._http.post(self._url(self.credit.topup_path), json={"amount": self.credit.min_topup / 1e6})
         challenge = parse_challenge(probe.headers, probe.content) if probe.status_code == 402 else None
         if challenge is None:
             raise PaymentRequiredError("cannot learn the gateway's chain from its top-up 402", code="key_mint_failed")
-        return int(challenge.requirements[0].network.split(":", 1)[1])
+        self._chain_id = int(challenge.requirements[0].network.split(":", 1)[1])
+        return self._chain_id
 
     def _siwe(self) -> dict[str, str]:
         wallet = self.gateway.wallet

@@ -224,3 +224,28 @@ def test_identity_travels_in_headers() -> None:
     client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT)
     assert all(r.headers["llm402-intent"] == "judging" for r in fake.requests)
     assert all(r.headers["llm402-agent"].startswith("0x") for r in fake.requests)
+
+
+def test_sign_in_with_x_rides_on_the_paid_replay() -> None:
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+    challenge = requirements()
+    challenge["extensions"] = {
+        "sign-in-with-x": {
+            "info": {
+                "domain": "127.0.0.1:9",
+                "uri": "http://127.0.0.1:9/v1/chat/completions",
+                "version": "1",
+                "nonce": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                "issuedAt": now,
+            },
+            "supportedChains": [{"chainId": "eip155:84532", "type": "eip191"}],
+        }
+    }
+    fake = FakeGateway(lambda: httpx.Response(402, headers={"PAYMENT-REQUIRED": b64(challenge)}, json={}), ok)
+    _, client = gateway(fake)
+    assert client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT).status_code == 200
+    unpaid, paid = fake.requests
+    assert "sign-in-with-x" not in unpaid.headers
+    assert paid.headers["sign-in-with-x"]
