@@ -11,7 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from llm402 import Wallet
 from llm402.sandbox import SandboxConfig, SandboxServer
+from sandbox_view import SandboxView
+
+
+@pytest.fixture
+def view(sandbox: SandboxServer) -> SandboxView:
+    """What the session sandbox says about wallets."""
+    return SandboxView(sandbox)
+
+
+@pytest.fixture
+def wallet(view: SandboxView) -> Wallet:
+    """A throwaway wallet holding $5 of sandbox test USDC."""
+    return view.funded_wallet()
 
 
 @pytest.fixture(scope="session")

@@ -2,34 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from sandbox_view import FUNDS, SandboxView
 
-import httpx
-
-from llm402.sandbox import SandboxServer
-
-FUNDS = 5_000_000  # $5 of sandbox test USDC
-
-
-class SandboxView:
-    """What the sandbox itself says about a wallet (the independent side of every money check)."""
-
-    def __init__(self, server: SandboxServer) -> None:
-        self.url = server.url
-
-    def fund(self, address: str, amount: int = FUNDS) -> None:
-        httpx.post(f"{self.url}/sandbox/faucet", json={"address": address, "amount": amount}).raise_for_status()
-
-    def balance(self, address: str) -> int:
-        return int(httpx.get(f"{self.url}/sandbox/balance/{address}").json()["balance"])
-
-    def stats(self, payer: str) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/sandbox/stats", params={"payer": payer}).json()
-        return data
-
-    def settlements(self, payer: str) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = httpx.get(f"{self.url}/sandbox/settlements", params={"payer": payer}).json()
-        return data
+__all__ = ["FUNDS", "RACE_BODY", "SandboxView", "paid_calls_worker"]
 
 
 def paid_calls_worker(args: tuple[str, str, str, str, int, int]) -> tuple[int, int]:
