@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from .approval import Approval, PaymentProposal, external_payment
 from .budget.base import DEFAULT_RESERVATION_TTL, Caps, Hold
-from .credit import CreditProfile, siwe_message, topup_amount
+from .credit import CreditProfile, siwe_message, topup_amount, topup_body
 from .errors import (
     REFUSAL_HEADER,
     ApiKeyRejected,
@@ -599,7 +599,7 @@ def _mint_key(cfg: FlowConfig, call: CallRequest, credit: CreditProfile) -> Gene
     if chain_id is None:  # the gateway's chain, as its top-up 402 presents it
         probe = yield Send(
             {"content-type": "application/json"},
-            _json_body({"amount": credit.min_topup / 1_000_000}),
+            topup_body(credit.min_topup),
             method="POST",
             url=cfg.base_url + credit.topup_path,
             read_body=True,
@@ -643,7 +643,7 @@ def topup_flow(
     amount = topup_amount(needed, credit.min_topup, cfg.policy, budget_left)
     url = cfg.base_url + credit.topup_path
     origin = _origin(url)
-    body = _json_body({"amount": float(Decimal(amount) / 1_000_000)})
+    body = topup_body(amount)
     headers = {"content-type": "application/json", "accept-encoding": "identity"}
     started = cfg.clock()
     head = yield Send(headers, body, method="POST", url=url, read_body=True)

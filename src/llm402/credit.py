@@ -10,6 +10,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 from .errors import ConfigurationError, PolicyRefusal
@@ -32,6 +33,12 @@ class CreditProfile:
     chain_id: int | None = None
     statement: str = SIWE_STATEMENT
     insufficient_codes: frozenset[str] = frozenset({"INSUFFICIENT_BALANCE"})
+
+
+def topup_body(amount: int) -> bytes:
+    """The top-up request body, ``{"amount": <USD>}``, with the USD number written exactly (no float on the way)."""
+    usd = (Decimal(amount) / ATOMIC_PER_USD).normalize()
+    return b'{"amount":' + format(usd, "f").encode() + b"}"
 
 
 def siwe_message(address: str, uri: str, chain_id: int, statement: str = SIWE_STATEMENT) -> str:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from .core import topup_flow
-from .credit import CreditProfile, siwe_message, store_key
+from .credit import CreditProfile, siwe_message, store_key, topup_body
 from .errors import ConfigurationError, PaymentRequiredError
 from .money import usd_to_atomic
 from .receipts import Receipt
@@ -54,7 +54,11 @@ class CreditAccount:
             return self._chain_id
         from .x402 import parse_challenge
 
-        probe = self._http.post(self._url(self.credit.topup_path), json={"amount": self.credit.min_topup / 1e6})
+        probe = self._http.post(
+            self._url(self.credit.topup_path),
+            content=topup_body(self.credit.min_topup),
+            headers={"content-type": "application/json"},
+        )
         challenge = parse_challenge(probe.headers, probe.content) if probe.status_code == 402 else None
         if challenge is None:
             raise PaymentRequiredError("cannot learn the gateway's chain from its top-up 402", code="key_mint_failed")

@@ -182,3 +182,11 @@ def test_fast_eip3009_signatures_equal_eth_account() -> None:
         }
         expected = account.sign_typed_data(domain_data=domain, message_types=types, message_data=message)
         assert wallet.sign_typed_data(domain, types, "TransferWithAuthorization", message) == bytes(expected.signature)
+
+
+def test_topup_body_writes_usd_exactly() -> None:
+    from llm402.credit import topup_body
+
+    assert topup_body(1_000_000) == b'{"amount":1}'
+    assert topup_body(1_234_567) == b'{"amount":1.234567}'
+    assert json.loads(topup_body(10_000_000_000)) == {"amount": 10000}
