@@ -37,7 +37,7 @@ from .errors import (
     PolicyRefusal,
 )
 from .metering import Usage
-from .money import format_usd, usd_to_atomic
+from .money import atomic_to_usd, format_usd, usd_to_atomic
 from .policy import Policy
 from .pricing import PriceCatalog, estimate_cost, max_completion_tokens
 from .receipts import PaymentRecord, Receipt
@@ -649,7 +649,7 @@ def topup_flow(
     head = yield Send(headers, body, method="POST", url=url, read_body=True)
     if head.status != 402:
         raise PaymentRequiredError(f"top-up did not ask for payment: {_reason(head)}", code="topup_failed")
-    limit = cfg.policy.model_copy(update={"max_payment_usd": Decimal(amount) / 1_000_000})
+    limit = cfg.policy.model_copy(update={"max_payment_usd": atomic_to_usd(amount)})
     chosen = _choose(head, url, limit)
     if chosen is None:
         raise PaymentRequiredError(f"top-up answered an unreadable 402: {_reason(head)}", code="topup_failed")

@@ -10,11 +10,10 @@ import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 from .errors import ConfigurationError, PolicyRefusal
-from .money import ATOMIC_PER_USD, format_usd
+from .money import ATOMIC_PER_USD, atomic_to_usd, format_usd
 from .policy import Policy
 
 SIWE_STATEMENT = "Sign in to the AI Gateway"
@@ -37,7 +36,7 @@ class CreditProfile:
 
 def topup_body(amount: int) -> bytes:
     """The top-up request body, ``{"amount": <USD>}``, with the USD number written exactly (no float on the way)."""
-    usd = (Decimal(amount) / ATOMIC_PER_USD).normalize()
+    usd = atomic_to_usd(amount).normalize()
     return b'{"amount":' + format(usd, "f").encode() + b"}"
 
 

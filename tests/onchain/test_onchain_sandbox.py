@@ -13,6 +13,7 @@ from onchain_support import UNLIMITED, Chain, FakeClock, Traffic
 
 from llm402 import Gateway, Policy, Wallet
 from llm402.identity import Identity, IdentityError
+from llm402.money import atomic_to_usd
 from llm402.policy_sources import ContractPolicySource, EnsPolicySource, MergedPolicySource, name_hash
 from llm402.sandbox import SandboxServer
 
@@ -174,7 +175,7 @@ def test_text_records_and_the_contract_combine_strictest_wins(
     assert spent > 0
 
     # The name's owner lowers the ENS daily cap below the contract's: after the refresh it binds.
-    chain.set_text(name, "llm402.daily_cap", f"{spent / 1_000_000:.6f}")
+    chain.set_text(name, "llm402.daily_cap", format(atomic_to_usd(spent), "f"))
     clock.advance(30)
     before = traffic.count
     refused = client.post("/chat/completions", json=BODY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def small_cost(prompt: int, completion: int) -> int:
-    return math.ceil((prompt * 150_000 + completion * 600_000) / 1_000_000)
+    return -(-(prompt * 150_000 + completion * 600_000) // 1_000_000)
 
 
 def test_faucet_topup_key_chat_usage(kit: Kit) -> None:
@@ -148,7 +149,7 @@ def test_reservation_reconciles_to_the_actual_cost(kit: Kit) -> None:
     assert response.status_code == 200
     assert int(response.headers["x-sandbox-charge-reserved"]) == math.ceil((7 * 1_250_000 + 5000 * 10_000_000) / 1e6)
     usage = response.json()["usage"]
-    actual = math.ceil((usage["prompt_tokens"] * 1_250_000 + usage["completion_tokens"] * 10_000_000) / 1_000_000)
+    actual = -(-(usage["prompt_tokens"] * 1_250_000 + usage["completion_tokens"] * 10_000_000) // 1_000_000)
     report = kit.http.get(f"/v1/usage/{account.address}", headers=bearer(key)).json()
     assert report["balance_usdc"] == 1_000_000 - actual and report["locked_usdc"] == 0
     assert report["keys"][0]["total_charged_usdc"] == actual
@@ -170,13 +171,13 @@ def test_markup_is_platform_revenue(make_sandbox: Any) -> None:
     account, key = private.credit_wallet(1)
     response = private.http.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
     assert response.status_code == 200
-    base = (9 * 150_000 + 7 * 600_000) / 1_000_000  # 5.55 micro
+    base = Fraction(9 * 150_000 + 7 * 600_000, 1_000_000)  # 5.55 micro, exact
     report = private.http.get(f"/v1/usage/{account.address}", headers=bearer(key)).json()
     charged = report["keys"][0]["total_charged_usdc"]
-    assert charged == math.ceil(base * 1.25) == 7
+    assert charged == math.ceil(base * Fraction(5, 4)) == 7
     assert report["keys"][0]["total_platform_revenue_usd"] == pytest.approx((charged - math.ceil(base)) / 1e6)
     first = private.http.post("/v1/chat/completions", json=CHAT)
-    assert private.price(first) == math.ceil((9 * 150_000 + 32 * 600_000) / 1e6 * 1.25)
+    assert private.price(first) == math.ceil(Fraction(9 * 150_000 + 32 * 600_000, 1_000_000) * Fraction(5, 4))
 
 
 def test_keys_are_listed_and_revoked(kit: Kit) -> None:
