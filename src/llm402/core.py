@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Literal
@@ -79,6 +79,8 @@ class StreamEnd:
     aborted: bool = False
     error: str | None = None
     body: bytes | None = field(default=None, repr=False)
+    settlement: Settlement | None = None
+    """A settlement reported after the body (an upto stream's final ``: payment-response`` SSE comment)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,7 +509,28 @@ def _payment_record(payment: SignedPayment, settlement: Settlement | None, *, re
         transaction=settlement.transaction if settlement else None,
         settled=settlement.success if settlement else None,
         reused=reused,
+        settled_amount=settlement.amount if settlement and settlement.success else None,
     )
+
+
+def _own_settlement(payment: SignedPayment, settlement: Settlement | None) -> Settlement | None:
+    """The settlement report, unless it names another payer (then it says nothing about this payment)."""
+    if settlement is not None and settlement.payer and settlement.payer.lower() != payment.payer.lower():
+        log.warning("llm402: the gateway reported a settlement for another payer; ignoring it")
+        return Settlement(False, None, None, None, None, error="settlement_for_another_payer")
+    return settlement
+
+
+def charged(payment: SignedPayment, settlement: Settlement | None) -> int:
+    """What a signed payment may have moved, in atomic units: all of an exact authorization (a report cannot make
+    it cheaper); for upto, the amount a successful settlement report names, never above the ceiling, and the whole
+    ceiling while no such report has come (it may still be settled until it expires)."""
+    if not payment.requirement.upto or settlement is None or not settlement.success or settlement.amount is None:
+        return payment.amount
+    if settlement.amount > payment.amount:
+        log.warning("llm402: the gateway reported settling more than the upto ceiling; counting the ceiling")
+        return payment.amount
+    return settlement.amount
 
 
 # --- the flow ------------------------------------------------------------------------------------------------
@@ -679,18 +702,7 @@ def topup_flow(
 
 
 def _as_topup(record: PaymentRecord) -> PaymentRecord:
-    return PaymentRecord(
-        record.scheme,
-        record.network,
-        record.asset,
-        record.amount,
-        record.payer,
-        record.payee,
-        record.transaction,
-        record.settled,
-        record.reused,
-        kind="topup",
-    )
+    return replace(record, kind="topup")
 
 
 def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None]:
@@ -895,12 +907,15 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             return
 
     # 6. hand the response over, metering it on the way
-    settlement = decode_settlement(head.headers) if payment is not None else None
+    settlement = _own_settlement(payment, decode_settlement(head.headers)) if payment is not None else None
     extra: dict[str, str] = {}
     if payment is not None:
         extra["x-should-retry"] = "false"
         if cfg.cost_header and not reused:
-            extra["llm402-cost"] = str(payment.amount)
+            if payment.requirement.upto and (settlement is None or not settlement.success):
+                extra["llm402-cost-max"] = str(payment.amount)  # an upto stream settles after its last byte
+            else:
+                extra["llm402-cost"] = str(charged(payment, settlement))
     deadline = cfg.max_stream_seconds if call.streaming else None
     end: StreamEnd = yield Deliver(extra, strip_usage_event=injected, deadline_seconds=deadline)
 
@@ -912,11 +927,10 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             cfg.payments.forget(call.fingerprint)
         else:
             cfg.payments.mark_unknown(call.fingerprint)
-        # exact-scheme authorizations move exactly their value: a settlement report cannot make a payment cheaper
-        actual = 0 if reused else payment.amount
-        if settlement is not None and settlement.payer and settlement.payer.lower() != payment.payer.lower():
-            log.warning("llm402: the gateway reported a settlement for another payer; ignoring it")
-            settlement = Settlement(False, None, None, None, None, error="settlement_for_another_payer")
+        if end.settlement is not None and (settlement is None or not settlement.success):
+            settlement = _own_settlement(payment, end.settlement)
+        # a reused payment was counted by the call that signed it
+        actual = 0 if reused else charged(payment, settlement)
     else:
         metered = _usage_cost(cfg, call.model, usage)
         if metered is not None and ok:

@@ -43,7 +43,14 @@ class Policy(BaseModel):
     allowed_networks: frozenset[str] | None = Field(None, description="CAIP-2 ids, e.g. eip155:8453")
     allowed_assets: frozenset[str] | None = Field(None, description="token addresses; None = SDK-known stablecoins")
     allowed_payees: frozenset[str] | None = None
-    allowed_schemes: frozenset[str] = frozenset({"exact"})
+    allowed_schemes: frozenset[str] = Field(
+        frozenset({"exact", "upto"}), description="x402 schemes llm402 may pay with (it knows exact and upto)"
+    )
+    prefer_upto: bool = Field(
+        True,
+        description="where a gateway offers x402 upto, authorize its ceiling and settle the actual cost "
+        "(needs the wallet's one-time Permit2 approval)",
+    )
     max_validity_seconds: int = Field(3600, gt=0, description="longest payment validity window accepted")
     topup_min_usd: Decimal | None = None
     topup_max_usd: Decimal | None = Field(None, description="largest automatic credit top-up")

@@ -131,8 +131,8 @@ def _merge_assets(values: Sequence[frozenset[str] | None]) -> frozenset[str] | N
 
 def merge_policies(*policies: Policy) -> Policy:
     """One policy that allows only what every given policy allows: the strictest cap of each kind, the intersection
-    of every allow-list (``None``, "no restriction", is the identity), the shortest validity window, HTTP and one
-    round trip only where all agree. ``merge_policies()`` is the default (no limits) policy."""
+    of every allow-list (``None``, "no restriction", is the identity), the shortest validity window, and HTTP, one
+    round trip and a preference for upto only where all agree. ``merge_policies()`` is the default policy."""
     if not policies:
         return Policy()
     if len(policies) == 1:
@@ -150,6 +150,7 @@ def merge_policies(*policies: Policy) -> Policy:
     merged["topup_min_usd"] = _min_cap([p.topup_min_usd for p in policies])  # a preferred size: the smallest
     merged["allow_insecure_http"] = all(p.allow_insecure_http for p in policies)
     merged["one_round_trip"] = all(p.one_round_trip for p in policies)
+    merged["prefer_upto"] = all(p.prefer_upto for p in policies)
     unknown = set(Policy.model_fields) - set(merged)
     for name in sorted(unknown):  # a field added to Policy later: merge it only if every policy agrees
         values = {repr(getattr(p, name)) for p in policies}

@@ -24,6 +24,8 @@ class PaymentRecord:
     settled: bool | None = None
     reused: bool = False
     kind: str = "call"  # "call" or "topup"
+    settled_amount: int | None = None
+    """What the settlement report says moved; for ``upto`` at most ``amount`` (the authorized ceiling)."""
 
 
 @dataclass(frozen=True, slots=True)

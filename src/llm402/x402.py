@@ -58,6 +58,11 @@ class Requirement:
     extra: Mapping[str, Any]
     raw: Mapping[str, Any] = field(repr=False)
 
+    @property
+    def upto(self) -> bool:
+        """x402's ``upto`` scheme: ``amount`` is a ceiling; the gateway settles the actual cost, at most that."""
+        return self.scheme == "upto"
+
     def describe(self) -> dict[str, Any]:
         """Machine-readable summary (quotes, receipts)."""
         return {
@@ -94,7 +99,7 @@ class SignedPayment:
 
     @property
     def amount(self) -> int:
-        """What this authorization lets the payee take, in atomic units."""
+        """The most this authorization lets the payee take, in atomic units (exact: all of it; upto: a ceiling)."""
         return self.requirement.amount
 
 
@@ -234,9 +239,32 @@ def sdk_knows_asset(network: str, asset: str) -> bool:
     return any(entry["asset"].lower() == asset.lower() for entry in DEFAULT_ASSETS.get(network, ()))
 
 
-def _refusal(requirement: Requirement, policy: Policy, knows_asset: Callable[[str, str], bool]) -> PolicyRefusal | None:
-    if requirement.scheme not in policy.allowed_schemes or requirement.scheme != "exact":
+SCHEMES = frozenset({"exact", "upto"})
+"""The x402 schemes llm402 can pay with."""
+
+
+def _scheme_refusal(requirement: Requirement, policy: Policy, dialect: Dialect) -> PolicyRefusal | None:
+    if requirement.scheme not in SCHEMES or requirement.scheme not in policy.allowed_schemes:
         return PolicyRefusal(f"payment scheme {requirement.scheme!r} is not supported", code="scheme_not_supported")
+    if not requirement.upto:
+        return None
+    facilitator = requirement.extra.get("facilitatorAddress")
+    method = requirement.extra.get("assetTransferMethod", "permit2")
+    if dialect is not Dialect.V2 or method != "permit2" or not isinstance(facilitator, str):
+        return PolicyRefusal(
+            "an upto offer needs x402 v2, Permit2 and extra.facilitatorAddress", code="scheme_not_supported"
+        )
+    if not _ADDRESS.match(facilitator):
+        return PolicyRefusal("the upto offer's facilitatorAddress is not an address", code="scheme_not_supported")
+    return None
+
+
+def _refusal(
+    requirement: Requirement, policy: Policy, knows_asset: Callable[[str, str], bool], dialect: Dialect
+) -> PolicyRefusal | None:
+    scheme_refusal = _scheme_refusal(requirement, policy, dialect)
+    if scheme_refusal is not None:
+        return scheme_refusal
     if not policy.network_allowed(requirement.network):
         return PolicyRefusal(
             f"network {requirement.network} is not allowed",
@@ -272,17 +300,25 @@ def _refusal(requirement: Requirement, policy: Policy, knows_asset: Callable[[st
 def select_requirement(
     challenge: Challenge, policy: Policy, knows_asset: Callable[[str, str], bool] = sdk_knows_asset
 ) -> Requirement:
-    """The cheapest requirement the policy allows (server order breaks ties); raises `PolicyRefusal`."""
+    """The requirement to pay; raises `PolicyRefusal` when the policy allows none.
+
+    With ``policy.prefer_upto`` an allowed ``upto`` offer wins (its ceiling has passed every check an exact amount
+    would); otherwise, and among equals, the cheapest wins and server order breaks ties.
+    """
     acceptable: list[Requirement] = []
     refusals: list[PolicyRefusal] = []
     for requirement in challenge.requirements:
-        refusal = _refusal(requirement, policy, knows_asset)
+        refusal = _refusal(requirement, policy, knows_asset, challenge.dialect)
         if refusal is None:
             acceptable.append(requirement)
         else:
             refusals.append(refusal)
     if acceptable:
-        return min(acceptable, key=lambda r: r.amount)
+        upto = [r for r in acceptable if r.upto]
+        if policy.prefer_upto and upto:
+            return min(upto, key=lambda r: r.amount)
+        exact = [r for r in acceptable if not r.upto]
+        return min(exact or acceptable, key=lambda r: r.amount)
     if len(refusals) == 1:
         raise refusals[0]
     over = [r for r in refusals if r.code == "payment_over_ticket"]
@@ -302,7 +338,7 @@ def _encode(envelope: Mapping[str, Any]) -> str:
 
 
 def sign_payment(challenge: Challenge, requirement: Requirement, signer: Signer, resource_url: str) -> SignedPayment:
-    """Sign an EIP-3009 (or Permit2) authorization through the SDK's EVM exact scheme and encode the header."""
+    """Sign through the SDK's EVM schemes (exact: EIP-3009 or Permit2; upto: a Permit2 ceiling) and encode."""
     try:
         if challenge.dialect is Dialect.V1:
             from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
@@ -317,7 +353,6 @@ def sign_payment(challenge: Challenge, requirement: Requirement, signer: Signer,
                 "payload": inner,
             }
         else:
-            from x402.mechanisms.evm.exact.client import ExactEvmScheme
             from x402.schemas import PaymentRequirements
 
             accepted = dict(requirement.raw)
@@ -326,7 +361,14 @@ def sign_payment(challenge: Challenge, requirement: Requirement, signer: Signer,
             if challenge.dialect is Dialect.KIOSK:
                 accepted.pop("maxAmountRequired", None)
             model = PaymentRequirements.model_validate(accepted)
-            inner = ExactEvmScheme(signer).create_payment_payload(model)
+            if requirement.upto:
+                from x402.mechanisms.evm.upto.client import UptoEvmScheme
+
+                inner = UptoEvmScheme(signer).create_payment_payload(model)
+            else:
+                from x402.mechanisms.evm.exact.client import ExactEvmScheme
+
+                inner = ExactEvmScheme(signer).create_payment_payload(model)
             envelope = {
                 "x402Version": 2,
                 "payload": inner,

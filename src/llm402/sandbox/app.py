@@ -6,8 +6,11 @@ A paid endpoint runs in credit mode when the request has an ``Authorization`` he
 the wallet's credit) and per-call x402 otherwise.
 
 Order of a paid x402 call: faults (delay, status) -> validate (400 before any 402) -> 402 when unpaid -> decode and
-verify the payment -> generate (a failure answers 502 and nothing is settled) -> settle -> answer; a stream is
-settled before its first byte, so the settlement header leaves with the response headers.
+verify the payment -> generate (a failure answers 502 and nothing is settled) -> settle -> answer; an exact stream is
+settled before its first byte, so the settlement header leaves with the response headers. Under ``/upto/v1`` the 402
+also offers x402 ``upto``: an upto payment authorizes a ceiling and is settled to the metered cost after the answer
+is produced; a stream settles after its last byte and reports it in a final ``: payment-response <base64>`` SSE
+comment (a client going away settles what was delivered).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from . import models as m
 from .auth import SiweContext, Unauthorized, hash_key, key_owner, new_api_key, verify_siwe
 from .config import Dialect, Mode, ModelSpec, SandboxConfig
 from .dialects import CHANGED_PAYEE, Quote, challenge, payment_header, settlement_headers
-from .facilitator import Facilitator, Payment, Refusal, decode_payment, peek_payer_nonce
+from .facilitator import Facilitator, Payment, Refusal, decode_payment, decode_upto, peek_payer_nonce
 from .faults import FaultBook, Faults, FaultSpecError
+from .permit2 import UptoPayment
 from .store import Store
 from .upstream import Upstream, UpstreamFailure, UsageBox
 
@@ -455,34 +459,39 @@ def _note(st: SandboxState, header: str, outcome: str, reason: str, path: str) -
     st.store.record_attempt(payer, nonce, outcome, reason, path)
 
 
-async def _x402(request: Request, st: SandboxState, dialect: Dialect, job: Job, faults: Faults) -> Response:
+async def _x402(
+    request: Request, st: SandboxState, dialect: Dialect, job: Job, faults: Faults, upto: bool = False
+) -> Response:
     cfg, store, path = st.config, st.store, request.url.path
     quote = Quote(job.quote, str(request.url), job.description)
     header = payment_header(request.headers, dialect)
     if header is None:
-        return challenge(cfg, dialect, quote, malformed=faults.malformed_402)
+        return challenge(cfg, dialect, quote, malformed=faults.malformed_402, upto=upto)
     if faults.redirect_after_402:
         _note(st, header, "ignored", "redirect_after_402", path)
         return RedirectResponse(faults.redirect_after_402, status_code=307)
     if faults.change_payee_on_replay:
         _note(st, header, "ignored", "change_payee_on_replay", path)
-        return challenge(cfg, dialect, quote, pay_to=CHANGED_PAYEE)
+        return challenge(cfg, dialect, quote, pay_to=CHANGED_PAYEE, upto=upto)
     if faults.change_amount_on_replay:
         _note(st, header, "ignored", "change_amount_on_replay", path)
         changed = Quote(job.quote + max(1, job.quote // 10), quote.resource_url, quote.description)
-        return challenge(cfg, dialect, changed)
+        return challenge(cfg, dialect, changed, upto=upto)
     payment: Payment | None = None
     try:
+        upto_payment = decode_upto(header) if upto else None
+        if upto_payment is not None:
+            return await _x402_upto(request, st, job, faults, quote, upto_payment)
         payment = decode_payment(header)
         st.facilitator.verify(payment, job.quote, dialect)
     except Refusal as refusal:
         payer = payment.payer if payment else None
         store.record_attempt(payer, payment.authorization.nonce if payment else None, "refused", refusal.reason, path)
-        return challenge(cfg, dialect, quote, error=refusal.reason, message=refusal.message)
+        return challenge(cfg, dialect, quote, error=refusal.reason, message=refusal.message, upto=upto)
     auth = payment.authorization
     if faults.replay_402:
         store.record_attempt(payment.payer, auth.nonce, "ignored", "replay_402", path)
-        return challenge(cfg, dialect, quote)
+        return challenge(cfg, dialect, quote, upto=upto)
     try:
         if faults.upstream_error:
             raise UpstreamFailure("injected upstream_error fault")
@@ -495,7 +504,7 @@ async def _x402(request: Request, st: SandboxState, dialect: Dialect, job: Job, 
     except Refusal as refusal:
         await _discard(produced)
         store.record_attempt(payment.payer, auth.nonce, "refused", refusal.reason, path)
-        return challenge(cfg, dialect, quote, error=refusal.reason, message=refusal.message)
+        return challenge(cfg, dialect, quote, error=refusal.reason, message=refusal.message, upto=upto)
     store.record_attempt(payment.payer, auth.nonce, "settled", None, path)
     headers = settlement_headers(
         cfg, dialect, faults.settlement_payer or payment.payer, settled.transaction, auth.value
@@ -508,6 +517,89 @@ async def _x402(request: Request, st: SandboxState, dialect: Dialect, job: Job, 
     if faults.stall_after_settle:
         await asyncio.sleep(faults.stall_after_settle)
     return _respond(st, produced, headers, faults)
+
+
+async def _x402_upto(
+    request: Request, st: SandboxState, job: Job, faults: Faults, quote: Quote, payment: UptoPayment
+) -> Response:
+    """An upto payment: verify its ceiling, produce, then settle the metered cost (a stream: after its last byte)."""
+    cfg, store, path = st.config, st.store, request.url.path
+    payer, nonce = payment.payer, payment.nonce_key
+    try:
+        st.facilitator.verify_upto(payment, job.quote)
+    except Refusal as refusal:
+        store.record_attempt(payer, nonce, "refused", refusal.reason, path)
+        return challenge(cfg, "v2", quote, error=refusal.reason, message=refusal.message, upto=True)
+    if faults.replay_402:
+        store.record_attempt(payer, nonce, "ignored", "replay_402", path)
+        return challenge(cfg, "v2", quote, upto=True)
+    try:
+        if faults.upstream_error:
+            raise UpstreamFailure("injected upstream_error fault")
+        produced = await job.produce()
+    except UpstreamFailure as exc:
+        store.record_attempt(payer, nonce, "unsettled", "upstream_error", path)
+        raise ApiError(502, f"Provider returned an error ({exc}); the payment was not settled") from None
+
+    def settle(box: UsageBox) -> str:
+        """Settle the metered cost (at most the ceiling); the base64 settlement report."""
+        amount = min(job.cost(box), payment.ceiling)
+        settled = st.facilitator.settle_upto(payment, amount, path)
+        store.record_attempt(payer, nonce, "settled", None, path)
+        reported = amount if faults.settlement_amount is None else faults.settlement_amount
+        transaction = settled.transaction if amount else ""
+        headers = settlement_headers(cfg, "v2", faults.settlement_payer or payer, transaction, reported)
+        return headers["PAYMENT-RESPONSE"]
+
+    if produced.events is None or faults.fail_after_settle:
+        try:
+            report = settle(produced.usage)
+        except Refusal as refusal:
+            await _discard(produced)
+            store.record_attempt(payer, nonce, "refused", refusal.reason, path)
+            return challenge(cfg, "v2", quote, error=refusal.reason, message=refusal.message, upto=True)
+        if faults.fail_after_settle:
+            await _discard(produced)
+            raise ApiError(500, "Injected failure after settlement (fail_after_settle)")
+        if faults.stall_after_settle:
+            await asyncio.sleep(faults.stall_after_settle)
+        return _respond(st, produced, {"PAYMENT-RESPONSE": report}, faults)
+
+    box, meter = produced.usage, Meter()
+    events = produced.events
+    settled_once = False
+
+    async def then_settle() -> AsyncIterator[bytes]:
+        nonlocal settled_once
+        async for chunk in _paced(events, faults, cfg.stream_chunk_delay_ms / 1000, meter):
+            yield chunk
+        settled_once = True
+        try:
+            report = settle(box)
+        except Refusal as refusal:  # a lost race for the nonce: the answer went out unpaid
+            store.record_attempt(payer, nonce, "refused", refusal.reason, path)
+            return
+        yield b": payment-response " + report.encode() + b"\n\n"
+
+    def close(delivered: Meter) -> None:
+        nonlocal settled_once
+        if not settled_once:  # the client went away or the stream was cut: settle what was delivered
+            settled_once = True
+            with contextlib.suppress(Refusal):
+                settle(_delivered(box, delivered))
+
+    if faults.stall_after_settle:
+        await asyncio.sleep(faults.stall_after_settle)
+    return SSEResponse(then_settle(), {}, meter, close)
+
+
+def _delivered(box: UsageBox, meter: Meter) -> UsageBox:
+    """Usage of what a stream delivered: all of it when it completed, else at most the tokens that went out."""
+    if meter.completed:
+        return box
+    if not box.known:
+        return UsageBox(box.prompt_tokens, meter.tokens, box.known)
+    return UsageBox(box.prompt_tokens, min(box.completion_tokens, meter.tokens), box.known)
 
 
 async def _discard(produced: Produced) -> None:
@@ -589,11 +681,7 @@ async def _credit(request: Request, st: SandboxState, job: Job, faults: Faults) 
     full = UsageBox(box.prompt_tokens, box.completion_tokens, box.known)
 
     def close(meter: Meter) -> None:
-        if not meter.completed and not box.known:
-            box.completion_tokens = meter.tokens
-        elif not meter.completed:
-            box.completion_tokens = min(box.completion_tokens, meter.tokens)
-        finish(box, True)
+        finish(_delivered(box, meter), True)
 
     if faults.fail_after_settle:
         await _discard(produced)
@@ -632,6 +720,8 @@ async def _paid(request: Request, dialect: Mode, build: Callable[[SandboxState, 
         return await _x402(request, st, "v2", job, faults)
     if "authorization" in request.headers:
         return await _credit(request, st, job, faults)
+    if dialect == "upto":
+        return await _x402(request, st, "v2", job, faults, upto=True)
     return await _x402(request, st, dialect, job, faults)
 
 
@@ -741,7 +831,7 @@ async def list_models(request: Request) -> Response:
     return JSONResponse(m.models_listing(_state(request).config))
 
 
-def _model_routes(dialect: Dialect) -> Callable[[Request], Awaitable[Response]]:
+def _model_routes(dialect: Mode) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         st = _state(request)
         rest: str = request.path_params["rest"]
@@ -931,8 +1021,8 @@ async def settlements(request: Request) -> Response:
     return JSONResponse(rows)
 
 
-def api_routes(prefix: str, dialect: Dialect) -> list[BaseRoute]:
-    """The API under ``{prefix}/v1`` with 402s in ``dialect``."""
+def api_routes(prefix: str, dialect: Mode) -> list[BaseRoute]:
+    """The API under ``{prefix}/v1`` with 402s in ``dialect`` (``upto``: x402 v2 offering exact and upto)."""
     v1 = f"{prefix}/v1"
     return [
         Route(f"{v1}/models", list_models, methods=["GET"]),
@@ -1030,6 +1120,7 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
         *api_routes("/x402v2", "v2"),
         *api_routes("/x402v1", "v1"),
         *api_routes("/kiosk", "kiosk"),
+        *api_routes("/upto", "upto"),
         *free_routes("/free"),
         *aisa_routes("/aisa"),
     ]

@@ -7,9 +7,10 @@ from decimal import Decimal
 from typing import Literal
 
 Dialect = Literal["v2", "v1", "kiosk"]
-Mode = Literal["v2", "v1", "kiosk", "free", "aisa"]
-"""How a mount answers: x402 in a dialect, ``free`` (a plain gateway: no payment), or ``aisa`` (AIsa's
-``api_key_proxy`` with prepaid credits, its error envelope and ``usage.cost``; x402 v2 without a key)."""
+Mode = Literal["v2", "v1", "kiosk", "free", "aisa", "upto"]
+"""How a mount answers: x402 in a dialect, ``free`` (a plain gateway: no payment), ``aisa`` (AIsa's
+``api_key_proxy`` with prepaid credits, its error envelope and ``usage.cost``; x402 v2 without a key), or ``upto``
+(x402 v2 offering the ``upto`` scheme, a Permit2 ceiling settled to the metered cost, beside ``exact``)."""
 DIALECTS: tuple[Dialect, ...] = ("v2", "v1", "kiosk")
 
 PAYEE_KEY = "0x730d9372e02ddd01ff19005f574e6bb719b72f1d31dff2c0dd779263d201cb80"
@@ -18,6 +19,11 @@ PAYEE_ADDRESS = "0x26048d144cf2D32a966DaC5D7C331588f1062dd3"
 """The address of `PAYEE_KEY` (a test checks the derivation)."""
 OTHER_PAYEE_ADDRESS = "0x798F05Edc32C1cb32aF2225F3D051dED281425Ba"
 """The payee the ``change_payee_on_replay`` fault switches to: sha256("llm402 sandbox payee (changed)")'s address."""
+
+FACILITATOR_KEY = "0xd937b61115f7733d5edede4db32e623b6e00216cd01a4667c125c7d51db88c72"
+"""sha256("llm402 sandbox facilitator"): the key behind the facilitator address upto payments are bound to."""
+FACILITATOR_ADDRESS = "0x586702f8aA31F6764073AA33E075ed6611c73869"
+"""The address of `FACILITATOR_KEY` (``extra.facilitatorAddress`` of the sandbox's upto offers)."""
 
 BASE_SEPOLIA_USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 
@@ -79,6 +85,7 @@ class SandboxConfig:
     asset_name: str = "USDC"
     asset_version: str = "2"
     payee: str = PAYEE_ADDRESS
+    facilitator_address: str = FACILITATOR_ADDRESS
     markup_bps: int = 0
     default_dialect: Dialect = "v2"
     max_timeout_seconds: int = 60

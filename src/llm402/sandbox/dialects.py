@@ -80,6 +80,24 @@ def requirement(config: SandboxConfig, dialect: Dialect, quote: Quote, pay_to: s
     }
 
 
+def upto_requirement(config: SandboxConfig, quote: Quote, pay_to: str | None = None) -> dict[str, Any]:
+    """The ``upto`` entry (x402 v2): ``amount`` is the ceiling; the facilitator settles the metered cost."""
+    return {
+        "scheme": "upto",
+        "network": config.network,
+        "asset": config.asset,
+        "amount": str(quote.amount),
+        "payTo": pay_to or config.payee,
+        "maxTimeoutSeconds": config.max_timeout_seconds,
+        "extra": {
+            "name": config.asset_name,
+            "version": config.asset_version,
+            "assetTransferMethod": "permit2",
+            "facilitatorAddress": config.facilitator_address,
+        },
+    }
+
+
 def _garble(entry: dict[str, Any], kind: str, dialect: Dialect) -> None:
     amount_keys = [k for k in ("amount", "maxAmountRequired") if k in entry]
     if kind == "missing_payee":
@@ -108,12 +126,16 @@ def challenge(
     message: str | None = None,
     malformed: str | None = None,
     pay_to: str | None = None,
+    upto: bool = False,
 ) -> Response:
-    """The 402 for ``quote`` in ``dialect``; ``error`` is a refusal reason (also sent as ``X-Sandbox-Refusal``)."""
+    """The 402 for ``quote`` in ``dialect``; ``error`` is a refusal reason (also sent as ``X-Sandbox-Refusal``).
+    With ``upto`` (v2 only) an ``upto`` offer follows the ``exact`` one, both for the same amount."""
     entry = requirement(config, dialect, quote, pay_to)
     if malformed:
         _garble(entry, malformed, dialect)
     accepts = [] if malformed == "empty_accepts" else [entry]
+    if upto and dialect == "v2" and accepts:
+        accepts.append(upto_requirement(config, quote, pay_to))
     headers: dict[str, str] = {}
     if error:
         headers["X-Sandbox-Refusal"] = error

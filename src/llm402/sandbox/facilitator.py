@@ -1,12 +1,13 @@
-"""An in-process x402 facilitator for the ``exact`` EVM scheme with EIP-3009 ``transferWithAuthorization``.
+"""An in-process x402 facilitator for the ``exact`` EVM scheme with EIP-3009 ``transferWithAuthorization``, and
+for ``upto`` with a Permit2 ceiling (the Permit2 checks live in `llm402.sandbox.permit2`).
 
 It really verifies: the EIP-712 ``TransferWithAuthorization`` signature is recovered (eth-account; coincurve makes it
 fast) under the asset's domain ``{name, version, chainId, verifyingContract: asset}`` and compared with ``from``; the
 scheme, network, asset, payee, amount, validity window, nonce and the payer's test-USDC balance are checked, each
 with its own refusal reason. Settlement moves test USDC in the sandbox's own ledger atomically with burning the nonce.
 
-Out of scope: Permit2 (``extra.assetTransferMethod: "permit2"``, USDT) and smart-wallet signatures (EIP-1271/6492):
-such payments are refused (``malformed_payment`` / ``invalid_signature``).
+Out of scope: exact payments by Permit2 (``extra.assetTransferMethod: "permit2"``, USDT) and smart-wallet signatures
+(EIP-1271/6492): such payments are refused (``malformed_payment`` / ``invalid_signature``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Dialect, SandboxConfig
+from .permit2 import UptoPayment, UptoRefusal, check_upto, is_upto, parse_upto
 from .store import Settled, SettleError, Store
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -161,9 +163,28 @@ def decode_payment(header: str) -> Payment:
     return Payment(int(version), scheme, network, asset, authorization, signature)
 
 
+def decode_upto(header: str) -> UptoPayment | None:
+    """The upto (Permit2) payment in a header, or None when the header holds another kind of payment.
+
+    Raises `Refusal` (``malformed_payment``) for an upto payload that does not parse."""
+    try:
+        data = _decode_b64_json(header)
+    except ValueError:
+        return None
+    if not is_upto(data):
+        return None
+    try:
+        return parse_upto(data)
+    except UptoRefusal as refusal:
+        raise Refusal(refusal.reason, refusal.message) from None
+
+
 def peek_payer_nonce(header: str) -> tuple[str | None, str | None]:
     """Best effort ``(from, nonce)`` of a payment header, for bookkeeping of payments that are not processed."""
     try:
+        upto = decode_upto(header)
+        if upto is not None:
+            return upto.payer, upto.nonce_key
         payment = decode_payment(header)
     except Refusal:
         return None, None
@@ -285,3 +306,24 @@ class Facilitator:
             )
         except SettleError as exc:
             raise Refusal(exc.reason, str(exc), payment) from None
+
+    def verify_upto(self, payment: UptoPayment, ceiling: int, now: int | None = None) -> None:
+        """Raise `Refusal` unless ``payment`` validly authorizes ``ceiling``, unused and funded (see `check_upto`)."""
+        try:
+            check_upto(self.config, payment, ceiling, now)
+        except UptoRefusal as refusal:
+            raise Refusal(refusal.reason, refusal.message) from None
+        if self.store.nonce_used(payment.payer, payment.nonce_key):
+            raise Refusal("nonce_already_used", "this Permit2 nonce has already been used")
+        balance = self.store.usdc_balance(payment.payer)
+        if balance < payment.ceiling:
+            raise Refusal("insufficient_balance", f"payer holds {balance} test USDC, needs {payment.ceiling}")
+
+    def settle_upto(self, payment: UptoPayment, amount: int, path: str) -> Settled:
+        """Move the metered ``amount`` (0 <= amount <= ceiling) and burn the nonce, atomically."""
+        if not 0 <= amount <= payment.ceiling:
+            raise Refusal("settlement_exceeds_amount", f"cannot settle {amount} against a ceiling of {payment.ceiling}")
+        try:
+            return self.store.settle(payment.payer, self.config.payee, amount, payment.nonce_key, path)
+        except SettleError as exc:
+            raise Refusal(exc.reason, str(exc)) from None

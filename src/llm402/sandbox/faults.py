@@ -15,6 +15,7 @@
 ``upstream_error``        the model fails after the payment was verified (502, nothing settled or charged)
 ``oversized=N``           pad the JSON answer to N bytes
 ``settlement_payer=0x..`` lie about the payer in the settlement header
+``settlement_amount=N``   lie about the amount in the settlement header (an upto settlement of N)
 ``times=N``               apply the fault only to the first N requests carrying this exact spec
 ========================  ==========================================================================================
 
@@ -69,6 +70,7 @@ class Faults:
     upstream_error: bool = False
     oversized: int | None = None
     settlement_payer: str | None = None
+    settlement_amount: int | None = None
     times: int | None = None
 
 
@@ -109,7 +111,7 @@ def parse_faults(spec: str) -> Faults:
             if status not in STATUSES:
                 raise FaultSpecError(f"status must be one of {sorted(STATUSES)}")
             values[name] = status
-        elif name in ("retry_after", "delay_ms", "stream_cut"):
+        elif name in ("retry_after", "delay_ms", "stream_cut", "settlement_amount"):
             values[name] = _int(name, value)
         elif name == "oversized":
             size = _int(name, value)
