@@ -208,12 +208,15 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """Settle the reservation to ``actual`` (``reserved=False``: nothing was reserved) and publish the receipt."""
+    """Settle the reservation to ``actual`` (``reserved=False``: nothing was reserved) and publish the receipt.
+
+    ``outstanding``: how much of a signed payment's unsettled remainder can still move (``None``: all of it)."""
 
     call_id: str
     actual: int
     receipt: Receipt
     reserved: bool = True
+    outstanding: int | None = None
 
 
 Effect = (
@@ -922,6 +925,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
     # 7. reconcile to what was really charged, and leave a receipt
     ok = 200 <= head.status < 300
     usage = end.usage
+    still_movable: int | None = None  # None: all of a signed payment's unsettled remainder may still move
     if payment is not None:
         if ok and not end.aborted:
             cfg.payments.forget(call.fingerprint)
@@ -931,6 +935,8 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             settlement = _own_settlement(payment, end.settlement)
         # a reused payment was counted by the call that signed it
         actual = 0 if reused else charged(payment, settlement)
+        if payment.requirement.upto and settlement is not None and settlement.success and settlement.amount is not None:
+            still_movable = outstanding  # the upto authorization is consumed; an unused up-front one may still move
     else:
         metered = _usage_cost(cfg, call.model, usage)
         if metered is not None and ok:
@@ -968,6 +974,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             error=error,
             credits_remaining=str(usage.credits_remaining) if usage and usage.credits_remaining is not None else None,
         ),
+        outstanding=still_movable,
     )
 
 

@@ -158,7 +158,7 @@ class Engine:
     def _finish(self, effect: Finish) -> None:
         receipt = effect.receipt
         if effect.reserved:
-            self.ledger.settle(effect.call_id, effect.actual, receipt)
+            self.ledger.settle(effect.call_id, effect.actual, receipt, effect.outstanding)
         else:
             self.ledger.record(receipt)
         self._publish(receipt)

@@ -3,6 +3,10 @@
 `UsageMeter.feed` returns the bytes to hand to the caller. They are the input bytes unchanged, except when the
 transport itself asked for ``stream_options.include_usage``: then the usage-only event the caller did not ask for is
 dropped (events are forwarded whole, as soon as their blank line arrives).
+
+A stream paid with x402 ``upto`` is settled after its content; such a gateway may report the settlement in an SSE
+comment before ``[DONE]``: ``: payment-response <base64 JSON>`` (the ``PAYMENT-RESPONSE`` header's value). SSE
+clients ignore comments; the meter keeps the value in `UsageMeter.settlement`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 MAX_JSON_BYTES = 8 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_OBJECT = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
+SETTLEMENT_COMMENT = b": payment-response "
 
 
 @dataclass(slots=True)
@@ -91,6 +96,8 @@ class UsageMeter:
         self.streaming = streaming
         self.usage: Usage | None = None
         self.done = False
+        self.settlement: str | None = None
+        """The base64 settlement report of a ``: payment-response`` comment, when the stream carried one."""
         self.bytes_seen = 0
         encoding = (content_encoding or "").lower().strip()
         self._inflate = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
@@ -123,7 +130,12 @@ class UsageMeter:
         if not self._strip:
             window = self._carry + data
             self._carry = window[-24:]
-            interesting = b"[DONE]" in window or _USAGE_OBJECT.search(window) or _USAGE_OBJECT.search(self._buffer)
+            interesting = (
+                b"[DONE]" in window
+                or b"payment-response" in window
+                or _USAGE_OBJECT.search(window)
+                or _USAGE_OBJECT.search(self._buffer)
+            )
             if interesting:
                 self._buffer += data
                 self._drain_events(None)
@@ -175,6 +187,8 @@ class UsageMeter:
         """Parse one SSE event; False when it is the usage-only chunk to strip."""
         lines = [line[5:].lstrip() for line in block.splitlines() if line.startswith(b"data:")]
         if not lines:
+            if block.startswith(SETTLEMENT_COMMENT):
+                self.settlement = block[len(SETTLEMENT_COMMENT) :].split(b"\n", 1)[0].strip().decode("ascii", "replace")
             return True
         payload = b"\n".join(lines).strip()
         if payload == b"[DONE]":

@@ -18,7 +18,7 @@ import httpx
 from .core import Answer, Deliver, Head, Send, StreamEnd, describe_request
 from .engine import Engine, delivery_context
 from .metering import UsageMeter
-from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS
+from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement
 
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding"})
 _SECRET_HEADERS = PAYMENT_HEADERS | {"authorization"}
@@ -59,7 +59,14 @@ class _Ending:
             return
         self._ended = True
         aborted = aborted and not self.meter.done
-        end = StreamEnd(self.meter.usage, aborted=aborted, error=error if aborted else None, body=self.meter.body)
+        report = self.meter.settlement
+        end = StreamEnd(
+            self.meter.usage,
+            aborted=aborted,
+            error=error if aborted else None,
+            body=self.meter.body,
+            settlement=None if report is None else decode_settlement({"payment-response": report}),
+        )
         token = delivery_context.set(self._context)
         try:
             self._on_end(end)

@@ -177,6 +177,24 @@ def test_partial_settlement_dangles_the_difference(ledger: Ledger) -> None:
     assert ledger.totals("alice", DAY) == LedgerTotals(100, 0, 100, 0, 100, 0)
 
 
+def test_a_consumed_upto_ceiling_releases_its_remainder(ledger: Ledger) -> None:
+    # upto: 300 signed, 40 reported settled; the authorization settles once, so nothing else can move
+    ledger.reserve(hold("c1", 300), Caps(daily=1_000))
+    ledger.expose("c1", 300, T0 + 60)
+    ledger.settle("c1", 40, None, outstanding=0)
+    assert ledger.totals("alice", DAY) == LedgerTotals(40, 0, 40, 0, 40, 0)
+    # an unused up-front authorization of 100 beside it can still move until it expires
+    ledger.reserve(hold("c2", 400), Caps(daily=1_000))
+    ledger.expose("c2", 400, T0 + 60)
+    ledger.settle("c2", 40, None, outstanding=100)
+    assert ledger.totals("alice", DAY) == LedgerTotals(80, 100, 80, 100, 80, 100)
+    # ``outstanding`` never raises what stays reserved above the unsettled remainder
+    ledger.reserve(hold("c3", 50), Caps(daily=1_000))
+    ledger.expose("c3", 50, T0 + 60)
+    ledger.settle("c3", 30, None, outstanding=10**9)
+    assert ledger.totals("alice", DAY) == LedgerTotals(110, 120, 110, 120, 110, 120)
+
+
 def test_recover_is_conservative(ledger: Ledger) -> None:
     ledger.reserve(hold("held", 100, ttl=10), Caps())
     ledger.reserve(hold("signed", 200, ttl=10), Caps())

@@ -82,9 +82,9 @@ def test_a_streamed_upto_payment_settles_after_the_last_byte(kit: Kit) -> None:
     response = pay(kit, account, body)
     assert response.status_code == 200
     assert "payment-response" not in response.headers, "the cost is not known when the headers leave"
-    lines = response.text.splitlines()
-    done = lines.index("data: [DONE]")
-    [comment] = [line for line in lines[done:] if line.startswith(": payment-response ")]
+    lines = [line for line in response.text.splitlines() if line]
+    assert lines[-2].startswith(": payment-response ") and lines[-1] == "data: [DONE]"
+    comment = lines[-2]
     report = unb64(comment.removeprefix(": payment-response "))
     assert int(report["amount"]) == FUNDS - kit.usdc(account.address) > 0
 

@@ -82,11 +82,13 @@ class Ledger(Protocol):
         """A payment of ``amount`` was signed for this call and is spendable by the payee until ``valid_before``."""
         ...
 
-    def settle(self, call_id: str, actual: int, receipt: Receipt | None) -> None:
+    def settle(self, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None = None) -> None:
         """Replace the reservation by ``actual`` committed spend and store the receipt.
 
         A signed payment that did not settle (``actual`` below the exposure) keeps the difference reserved until the
-        authorization's ``valid_before``.
+        authorization's ``valid_before``. ``outstanding`` says how much of that difference can still move when the
+        caller knows better (an upto authorization reported settled is consumed: ``0``); never more than the
+        difference.
         """
         ...
 
@@ -118,6 +120,15 @@ class Ledger(Protocol):
 
 SPEND_GROUPS = ("agent", "intent", "model", "day")
 """What `Ledger.spend_report` can group by; ``day`` is the UTC date of a receipt's ``started_at``."""
+
+
+def dangling_amount(exposure: int, actual: int, outstanding: int | None) -> int:
+    """What stays reserved after settling ``actual`` against ``exposure``: the unsettled remainder, or less when the
+    caller says only ``outstanding`` of it can still move (never negative)."""
+    left = exposure - actual
+    if outstanding is not None:
+        left = min(left, outstanding)
+    return max(0, left)
 
 
 def receipt_day(started_at: float) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..receipts import Receipt
-from .base import Caps, Hold, LedgerTotals, cap_refusal, check_spend_group, spend_rows
+from .base import Caps, Hold, LedgerTotals, cap_refusal, check_spend_group, dangling_amount, spend_rows
 
 HELD, EXPOSED, DANGLING = "held", "exposed", "dangling"
 
@@ -110,15 +110,15 @@ class MemoryLedger:
             res.amount = max(res.amount, amount)
             res.expires_at = max(res.expires_at, valid_before)
 
-    def settle(self, call_id: str, actual: int, receipt: Receipt | None) -> None:
+    def settle(self, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None = None) -> None:
         """Commit ``actual``; keep an unsettled authorization's remainder until it expires."""
         with self._lock:
             res = self._open.pop(call_id, None)
             if res is not None:
                 self._commit(res.agent, res.day, actual)
-                if res.state == EXPOSED and res.exposure > actual:
-                    dangling = _Reservation(res.agent, res.day, res.exposure - actual, res.expires_at, DANGLING)
-                    self._open[call_id] = dangling
+                left = dangling_amount(res.exposure, actual, outstanding)
+                if res.state == EXPOSED and left > 0:
+                    self._open[call_id] = _Reservation(res.agent, res.day, left, res.expires_at, DANGLING)
             if receipt is not None:
                 self._receipts.append(receipt)
 

@@ -147,7 +147,7 @@ return {0}
 )
 
 # KEYS: spent, reserved, expiry, res:<call_id>, receipts, receipt-seq
-# ARGV: call_id, actual, receipt JSON ('' = none), started_at
+# ARGV: call_id, actual, receipt JSON ('' = none), started_at, outstanding ('' = all of exposure - actual)
 _SETTLE = (
     _LIB
     + """
@@ -155,11 +155,13 @@ local r = redis.call('HMGET', KEYS[4], 'agent', 'day', 'amount', 'state', 'expos
 if r[1] then
   local actual = tonumber(ARGV[2])
   local exposure = num(r[5])
+  local left = exposure - actual
+  if ARGV[5] ~= '' then left = math.min(left, tonumber(ARGV[5])) end
   add(KEYS[1], r[1], r[2], actual)
   add(KEYS[2], r[1], r[2], -num(r[3]))
-  if r[4] == 'exposed' and exposure > actual then
-    redis.call('HSET', KEYS[4], 'state', 'dangling', 'amount', int(exposure - actual), 'exposure', '0')
-    add(KEYS[2], r[1], r[2], exposure - actual)
+  if r[4] == 'exposed' and left > 0 then
+    redis.call('HSET', KEYS[4], 'state', 'dangling', 'amount', int(left), 'exposure', '0')
+    add(KEYS[2], r[1], r[2], left)
   else
     redis.call('DEL', KEYS[4])
     redis.call('ZREM', KEYS[3], ARGV[1])
@@ -336,7 +338,7 @@ class RedisLedger:
             call_id,
         )
 
-    def settle(self, call_id: str, actual: int, receipt: Receipt | None) -> None:
+    def settle(self, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None = None) -> None:
         """Commit ``actual`` and append the receipt in one script; an unsettled remainder dangles until it expires."""
         self._run(
             self._settle_script,
@@ -346,6 +348,7 @@ class RedisLedger:
                 _money(actual),
                 "" if receipt is None else receipt_to_json(receipt),
                 _score(0.0 if receipt is None else receipt.started_at),
+                "" if outstanding is None else _money(outstanding),
             ],
             call_id,
         )

@@ -31,6 +31,7 @@ from .base import (
     LedgerTotals,
     cap_refusal,
     check_spend_group,
+    dangling_amount,
     order_spend,
     receipt_day,
     receipt_from_json,
@@ -309,7 +310,7 @@ class SqliteLedger:
             if cursor.rowcount == 0:
                 raise KeyError(call_id)
 
-    def settle(self, call_id: str, actual: int, receipt: Receipt | None) -> None:
+    def settle(self, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None = None) -> None:
         """Commit ``actual`` and store the receipt; an unsettled authorization's remainder dangles until it expires."""
         with self._write() as conn:
             row = conn.execute(
@@ -318,10 +319,11 @@ class SqliteLedger:
             if row is not None:
                 agent, day, state, exposure = row
                 self._commit(conn, agent, day, actual)
-                if state == EXPOSED and exposure > actual:
+                left = dangling_amount(int(exposure), actual, outstanding)
+                if state == EXPOSED and left > 0:
                     conn.execute(
                         "UPDATE reservations SET state = ?, amount = ?, exposure = 0 WHERE call_id = ?",
-                        (DANGLING, int(exposure) - actual, call_id),
+                        (DANGLING, left, call_id),
                     )
                 else:
                     conn.execute("DELETE FROM reservations WHERE call_id = ?", (call_id,))

@@ -9,8 +9,8 @@ Order of a paid x402 call: faults (delay, status) -> validate (400 before any 40
 verify the payment -> generate (a failure answers 502 and nothing is settled) -> settle -> answer; an exact stream is
 settled before its first byte, so the settlement header leaves with the response headers. Under ``/upto/v1`` the 402
 also offers x402 ``upto``: an upto payment authorizes a ceiling and is settled to the metered cost after the answer
-is produced; a stream settles after its last byte and reports it in a final ``: payment-response <base64>`` SSE
-comment (a client going away settles what was delivered).
+is produced; a stream settles after its content and reports it in a ``: payment-response <base64>`` SSE comment
+just before ``[DONE]`` (a client going away settles what was delivered).
 """
 
 from __future__ import annotations
@@ -569,17 +569,20 @@ async def _x402_upto(
     events = produced.events
     settled_once = False
 
-    async def then_settle() -> AsyncIterator[bytes]:
+    async def settled_before_done() -> AsyncIterator[m.StreamEvent]:
+        """The stream, with the settlement of everything it delivered reported just before ``[DONE]``."""
         nonlocal settled_once
-        async for chunk in _paced(events, faults, cfg.stream_chunk_delay_ms / 1000, meter):
-            yield chunk
-        settled_once = True
-        try:
-            report = settle(box)
-        except Refusal as refusal:  # a lost race for the nonce: the answer went out unpaid
-            store.record_attempt(payer, nonce, "refused", refusal.reason, path)
-            return
-        yield b": payment-response " + report.encode() + b"\n\n"
+        async for event in events:
+            if event.kind == "done" and not settled_once:
+                settled_once = True
+                delivered = box if box.known else UsageBox(box.prompt_tokens, meter.tokens, False)
+                try:
+                    report = settle(delivered)
+                except Refusal as refusal:  # a lost race for the nonce: the answer went out unpaid
+                    store.record_attempt(payer, nonce, "refused", refusal.reason, path)
+                else:
+                    yield m.StreamEvent(b": payment-response " + report.encode() + b"\n\n")
+            yield event
 
     def close(delivered: Meter) -> None:
         nonlocal settled_once
@@ -590,7 +593,8 @@ async def _x402_upto(
 
     if faults.stall_after_settle:
         await asyncio.sleep(faults.stall_after_settle)
-    return SSEResponse(then_settle(), {}, meter, close)
+    delay = cfg.stream_chunk_delay_ms / 1000
+    return SSEResponse(_paced(settled_before_done(), faults, delay, meter), {}, meter, close)
 
 
 def _delivered(box: UsageBox, meter: Meter) -> UsageBox:
