@@ -55,20 +55,101 @@ def _as_plain(value: Any) -> Any:
     return value
 
 
-_EIP3009_FIELDS = (
-    ("from", "address"),
-    ("to", "address"),
-    ("value", "uint256"),
-    ("validAfter", "uint256"),
-    ("validBefore", "uint256"),
-    ("nonce", "bytes32"),
+_DOMAIN_FIELDS = (
+    ("name", "string"),
+    ("version", "string"),
+    ("chainId", "uint256"),
+    ("verifyingContract", "address"),
+    ("salt", "bytes32"),
 )
-_DOMAIN_KEYS = ("name", "version", "chainId", "verifyingContract")
+_ATOMIC = frozenset({"address", "uint256", "bytes32", "string", "bool"})
+
+
+class _TypedDigest:
+    """EIP-712 digests of structs made of address, uint256, bytes32, string, bool and nested structs, computed
+    directly (the payment hot path: EIP-3009 authorizations, Permit2 ``upto`` ceilings).
+
+    eth-account's general encoder spends 0.25-2.5 ms per payment rebuilding type strings and validating values; the
+    digest is the same bytes (checked against eth-account in the tests), so signing it with libsecp256k1 gives the
+    same signature. Anything else (arrays, other widths) goes to eth-account.
+    """
+
+    def __init__(self) -> None:
+        from eth_utils.crypto import keccak
+
+        self.keccak = keccak
+        self._type_hashes: dict[tuple[Any, ...], dict[str, bytes]] = {}
+        self._separators: dict[tuple[Any, ...], bytes] = {}
+
+    def applies(self, domain: dict[str, Any], types: dict[str, Any], primary_type: str) -> bool:
+        """Whether every field is of a kind this encoder writes and the domain uses only the standard fields."""
+        known = dict(_DOMAIN_FIELDS)
+        if primary_type not in types or not set(domain) <= set(known):
+            return False
+        structs = set(types) - {"EIP712Domain"}
+        return all(
+            isinstance(fields, list) and all(f["type"] in _ATOMIC or f["type"] in structs for f in fields)
+            for name, fields in types.items()
+            if name != "EIP712Domain"
+        )
+
+    def _hashes(self, types: dict[str, Any]) -> dict[str, bytes]:
+        key = tuple((name, tuple((f["name"], f["type"]) for f in fields)) for name, fields in types.items())
+        hashes = self._type_hashes.get(key)
+        if hashes is None:
+            def signature(name: str) -> str:
+                return name + "(" + ",".join(f"{f['type']} {f['name']}" for f in types[name]) + ")"
+
+            def dependencies(name: str, found: set[str]) -> set[str]:
+                for f in types[name]:
+                    if f["type"] in types and f["type"] not in found:
+                        found.add(f["type"])
+                        dependencies(f["type"], found)
+                return found
+
+            hashes = {
+                name: self.keccak(
+                    text=signature(name) + "".join(signature(d) for d in sorted(dependencies(name, set()) - {name}))
+                )
+                for name in types
+            }
+            self._type_hashes[key] = hashes
+        return hashes
+
+    def _struct(self, name: str, types: dict[str, Any], hashes: dict[str, bytes], data: dict[str, Any]) -> bytes:
+        words = [hashes[name]]
+        for f in types[name]:
+            kind, value = f["type"], data[f["name"]]
+            if kind in hashes:
+                words.append(self._struct(kind, types, hashes, value))
+            elif kind == "string":
+                words.append(self.keccak(text=str(value)))
+            else:
+                words.append(_word(kind, value))
+        return bytes(self.keccak(b"".join(words)))
+
+    def __call__(
+        self, domain: dict[str, Any], types: dict[str, Any], primary_type: str, message: dict[str, Any]
+    ) -> bytes:
+        key = tuple(domain.items())
+        separator = self._separators.get(key)
+        if separator is None:
+            fields = [{"name": n, "type": t} for n, t in _DOMAIN_FIELDS if n in domain]
+            domain_types = {"EIP712Domain": fields}
+            separator = self._struct("EIP712Domain", domain_types, self._hashes(domain_types), domain)
+            self._separators[key] = separator
+        struct = self._struct(primary_type, types, self._hashes(types), message)
+        return bytes(self.keccak(b"\x19\x01" + separator + struct))
 
 
 def _word(kind: str, value: Any) -> bytes:
-    """One EIP-712 encoded field of the EIP-3009 struct (address, uint256 or bytes32)."""
+    """One EIP-712 encoded atomic field (address, uint256, bytes32 or bool)."""
     if kind == "uint256":
+        number = int(value, 16) if isinstance(value, str) and value.startswith("0x") else int(value)
+        return number.to_bytes(32, "big")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError("a bool field needs a bool")
         return int(value).to_bytes(32, "big")
     raw = value if isinstance(value, bytes) else bytes.fromhex(str(value).removeprefix("0x"))
     if kind == "address":
@@ -80,53 +161,7 @@ def _word(kind: str, value: Any) -> bytes:
     return raw
 
 
-class _Eip3009Digest:
-    """The EIP-712 digest of an EIP-3009 ``TransferWithAuthorization``, computed directly (the payment hot path).
-
-    eth-account's general encoder spends ~0.25 ms per payment on this one fixed struct; the digest is the same
-    bytes (checked against eth-account in the tests), so signing it with libsecp256k1 gives the same signature.
-    """
-
-    def __init__(self) -> None:
-        from eth_utils.crypto import keccak
-
-        self.keccak = keccak
-        self.type_hash = keccak(
-            text="TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,"
-            "uint256 validBefore,bytes32 nonce)"
-        )
-        self.domain_type_hash = keccak(
-            text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-        )
-        self._separators: dict[tuple[Any, ...], bytes] = {}
-
-    def applies(self, domain: dict[str, Any], types: dict[str, Any], primary_type: str) -> bool:
-        fields = types.get(primary_type)
-        return (
-            primary_type == "TransferWithAuthorization"
-            and tuple(domain) == _DOMAIN_KEYS
-            and isinstance(fields, list)
-            and tuple((f["name"], f["type"]) for f in fields) == _EIP3009_FIELDS
-            and set(types) <= {"TransferWithAuthorization", "EIP712Domain"}
-        )
-
-    def __call__(self, domain: dict[str, Any], message: dict[str, Any]) -> bytes:
-        key = tuple(domain.values())
-        separator = self._separators.get(key)
-        if separator is None:
-            separator = self.keccak(
-                self.domain_type_hash
-                + self.keccak(text=str(domain["name"]))
-                + self.keccak(text=str(domain["version"]))
-                + _word("uint256", domain["chainId"])
-                + _word("address", domain["verifyingContract"])
-            )
-            self._separators[key] = separator
-        struct = self.keccak(self.type_hash + b"".join(_word(kind, message[name]) for name, kind in _EIP3009_FIELDS))
-        return bytes(self.keccak(b"\x19\x01" + separator + struct))
-
-
-_digest: _Eip3009Digest | None = None
+_digest: _TypedDigest | None = None
 
 
 class Wallet:
@@ -200,11 +235,11 @@ class Wallet:
         plain_types = {name: [_as_plain(f) for f in fields] for name, fields in types.items()}
         plain_domain = _as_plain(domain)
         if _digest is None:
-            _digest = _Eip3009Digest()
+            _digest = _TypedDigest()
         if _digest.applies(plain_domain, plain_types, primary_type):
             try:
-                return self._sign_digest(_digest(plain_domain, message))
-            except (ValueError, KeyError, TypeError) as exc:
+                return self._sign_digest(_digest(plain_domain, plain_types, primary_type, message))
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:
                 raise WalletError(f"cannot sign {primary_type}: {type(exc).__name__}") from None
         plain_types.pop("EIP712Domain", None)
         try:

@@ -184,6 +184,69 @@ def test_fast_eip3009_signatures_equal_eth_account() -> None:
         assert wallet.sign_typed_data(domain, types, "TransferWithAuthorization", message) == bytes(expected.signature)
 
 
+def test_fast_permit2_upto_signatures_equal_eth_account() -> None:
+    import random
+
+    from eth_account import Account
+
+    rng = random.Random(2)
+    wallet = Wallet.create()
+    account = Account.from_key(wallet.export_private_key())
+
+    def address() -> str:
+        return "0x" + bytes(rng.randrange(256) for _ in range(20)).hex()
+
+    types = {
+        "PermitWitnessTransferFrom": [
+            {"name": "permitted", "type": "TokenPermissions"},
+            {"name": "spender", "type": "address"},
+            {"name": "nonce", "type": "uint256"},
+            {"name": "deadline", "type": "uint256"},
+            {"name": "witness", "type": "Witness"},
+        ],
+        "TokenPermissions": [{"name": "token", "type": "address"}, {"name": "amount", "type": "uint256"}],
+        "Witness": [
+            {"name": "to", "type": "address"},
+            {"name": "facilitator", "type": "address"},
+            {"name": "validAfter", "type": "uint256"},
+        ],
+    }
+    for _ in range(50):
+        domain = {"name": "Permit2", "chainId": rng.choice([1, 8453, 84532]), "verifyingContract": address()}
+        message = {
+            "permitted": {"token": address(), "amount": rng.randrange(2**128)},
+            "spender": address(),
+            "nonce": rng.randrange(2**256),
+            "deadline": rng.randrange(2**40),
+            "witness": {"to": address(), "facilitator": address(), "validAfter": 0},
+        }
+        expected = account.sign_typed_data(domain_data=domain, message_types=types, message_data=message)
+        assert wallet.sign_typed_data(domain, types, "PermitWitnessTransferFrom", message) == bytes(expected.signature)
+
+
+def test_typed_data_the_fast_digest_does_not_write_goes_to_eth_account() -> None:
+    from eth_account import Account
+
+    wallet = Wallet.create()
+    account = Account.from_key(wallet.export_private_key())
+    domain = {"name": "Mail", "version": "1", "chainId": 1, "verifyingContract": "0x" + "cc" * 20}
+    types = {
+        "Mail": [
+            {"name": "to", "type": "address[]"},
+            {"name": "body", "type": "string"},
+            {"name": "ok", "type": "bool"},
+        ]
+    }
+    message = {"to": ["0x" + "aa" * 20, "0x" + "bb" * 20], "body": "hi", "ok": True}
+    expected = account.sign_typed_data(domain_data=domain, message_types=types, message_data=message)
+    assert wallet.sign_typed_data(domain, types, "Mail", message) == bytes(expected.signature)
+    flat = {"Mail": [{"name": "body", "type": "string"}, {"name": "ok", "type": "bool"}]}
+    expected = account.sign_typed_data(domain_data=domain, message_types=flat, message_data={"body": "hi", "ok": False})
+    assert wallet.sign_typed_data(domain, flat, "Mail", {"body": "hi", "ok": False}) == bytes(expected.signature)
+    with pytest.raises(WalletError):
+        wallet.sign_typed_data(domain, {"Mail": [{"name": "n", "type": "uint256"}]}, "Mail", {"n": -1})
+
+
 def test_topup_body_writes_usd_exactly() -> None:
     from llm402.credit import topup_body
 
