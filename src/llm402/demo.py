@@ -63,6 +63,21 @@ def run_demo(console: Console | None = None) -> list[Receipt]:
             ),
             ("x402 v1", "/x402v1/v1", {"model": "sandbox/small", "messages": [{"role": "user", "content": "Hi v1"}]}),
             ("kiosk body", "/kiosk/v1", {"model": "sandbox/large", "messages": [{"role": "user", "content": "Hi"}]}),
+            (
+                "x402 upto",
+                "/upto/v1",
+                {"model": "sandbox/medium", "max_tokens": 800, "messages": [{"role": "user", "content": "Hi upto"}]},
+            ),
+            (
+                "x402 upto stream",
+                "/upto/v1",
+                {
+                    "model": "sandbox/medium",
+                    "max_tokens": 800,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "Stream upto"}],
+                },
+            ),
         ]
         labels: list[str] = []
         with Gateway(f"{sandbox.url}/v1", wallet=wallet, policy=policy, agent="demo", ledger="memory://") as gw:
@@ -82,15 +97,17 @@ def run_demo(console: Console | None = None) -> list[Receipt]:
                 labels.append(f"{label}: {text[:40]}")
         after = _balance(sandbox.url, wallet.address)
 
-    table = Table(title="llm402 receipts (every call paid through a real 402 and a verified EIP-3009 signature)")
-    for column in ("call", "model", "tokens", "cost", "transaction"):
+    table = Table(title="llm402 receipts (every call paid through a real 402 and a verified signature)")
+    for column in ("call", "model", "tokens", "authorized", "cost", "transaction"):
         table.add_column(column)
     for label, receipt in zip(labels, receipts, strict=True):
-        tx = receipt.payment.transaction if receipt.payment else None
+        payment = receipt.payment
+        tx = payment.transaction if payment else None
         table.add_row(
             label,
             receipt.model or "-",
             f"{receipt.prompt_tokens}+{receipt.completion_tokens}",
+            f"{format_usd(payment.amount)} {payment.scheme}" if payment else "-",
             format_usd(receipt.cost),
             (tx[:18] + "...") if tx else "-",
         )
