@@ -23,7 +23,7 @@ class Quote:
 
     @property
     def amount(self) -> int:
-        """Atomic units (micro-USDC for USDC)."""
+        """Atomic units (micro-USDC for USDC); for the ``upto`` scheme the ceiling, not the final cost."""
         return self.requirement.amount
 
     @property
