@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,7 +22,7 @@ from llm402 import Policy
 from llm402.errors import ConfigurationError, Llm402Error, PolicyRefusal
 from llm402.metering import UsageMeter
 from llm402.pricing import PriceCatalog
-from llm402.x402 import Dialect, decode_settlement, parse_challenge, select_requirement
+from llm402.x402 import Challenge, Dialect, decode_settlement, parse_challenge, select_requirement
 
 ASSETS = ["0x036CbD53842c5426634e7929541eC2318f3dCF7e", "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", "0x" + "11" * 20]
 PAYEES = ["0x" + "ab" * 20, "0x" + "cd" * 20]
@@ -49,12 +50,42 @@ entries = st.fixed_dictionaries(
         "maxAmountRequired": amounts,
         "payTo": st.sampled_from(PAYEES) | st.text(max_size=10) | st.none(),
         "maxTimeoutSeconds": st.integers(min_value=-5, max_value=100_000) | json_scalars,
-        "extra": st.fixed_dictionaries({"name": st.just("USDC"), "version": st.just("2")}) | json_values,
+        "extra": st.fixed_dictionaries(
+            {"name": st.just("USDC"), "version": st.just("2")},
+            optional={
+                "facilitatorAddress": st.sampled_from(PAYEES) | json_scalars,
+                "assetTransferMethod": st.sampled_from(["permit2", "eip3009"]) | json_scalars,
+            },
+        )
+        | json_values,
     },
 )
 challenges = st.fixed_dictionaries(
     {"accepts": st.lists(entries | json_values, max_size=4)},
     optional={"x402Version": st.sampled_from([1, 2, 3, "2"]) | json_scalars, "error": json_scalars},
+)
+
+plausible_entries = st.fixed_dictionaries(
+    {
+        "scheme": st.sampled_from(["exact", "upto", "stream"]),
+        "network": st.sampled_from(NETWORKS[:5]),
+        "asset": st.sampled_from(ASSETS),
+        "amount": st.integers(min_value=1, max_value=10**7).map(str),
+        "payTo": st.sampled_from(PAYEES),
+        "maxTimeoutSeconds": st.sampled_from([30, 60, 3600, 7200]),
+        "extra": st.fixed_dictionaries(
+            {"name": st.just("USDC"), "version": st.just("2")},
+            optional={
+                "facilitatorAddress": st.sampled_from([*PAYEES, "0x12"]),
+                "assetTransferMethod": st.sampled_from(["permit2", "eip3009"]),
+            },
+        ),
+    }
+)
+"""Entries that mostly parse, so selection (not only parsing) meets every kind of offer."""
+plausible_challenges = st.fixed_dictionaries(
+    {"accepts": st.lists(plausible_entries | entries, min_size=1, max_size=4)},
+    optional={"x402Version": st.sampled_from([1, 2])},
 )
 
 
@@ -92,10 +123,12 @@ policies = st.builds(
     allowed_payees=st.sampled_from([None, frozenset({PAYEES[0]})]),
     allowed_assets=st.sampled_from([None, frozenset({ASSETS[2]})]),
     max_validity_seconds=st.sampled_from([60, 3600]),
+    allowed_schemes=st.sampled_from([frozenset({"exact", "upto"}), frozenset({"exact"}), frozenset({"upto"})]),
+    prefer_upto=st.booleans(),
 )
 
 
-@given(challenges, policies)
+@given(plausible_challenges | challenges, policies)
 def test_selection_never_admits_what_the_policy_refuses(challenge: dict[str, Any], policy: Policy) -> None:
     try:
         parsed = parse_challenge(httpx.Headers({"payment-required": b64(challenge)}), b"{}")
@@ -111,7 +144,15 @@ def test_selection_never_admits_what_the_policy_refuses(challenge: dict[str, Any
     assert policy.allowed_networks is None or chosen.network in policy.allowed_networks
     assert policy.allowed_payees is None or chosen.pay_to.lower() in {p.lower() for p in policy.allowed_payees}
     assert chosen.max_timeout_seconds <= policy.max_validity_seconds
-    assert chosen.scheme == "exact"
+    assert chosen.scheme in policy.allowed_schemes & {"exact", "upto"}
+    if chosen.scheme == "upto":
+        assert parsed.dialect.value == "x402-v2"
+        assert chosen.extra.get("facilitatorAddress") in PAYEES
+        assert chosen.extra.get("assetTransferMethod", "permit2") == "permit2"
+    elif policy.prefer_upto and "upto" in policy.allowed_schemes:  # exact won: no upto offer was acceptable
+        for offer in (r for r in parsed.requirements if r.scheme == "upto"):
+            with pytest.raises(PolicyRefusal):
+                select_requirement(Challenge(parsed.dialect, (offer,), None, None), policy)
     if policy.allowed_assets is not None:
         assert chosen.asset in policy.allowed_assets
     else:
