@@ -93,7 +93,7 @@ def b64(data: object) -> str:
     return base64.b64encode(json.dumps(data).encode()).decode()
 
 
-@given(challenges, st.sampled_from(["header", "body"]))
+@given(plausible_challenges | challenges, st.sampled_from(["header", "body"]))
 def test_challenge_parsing_only_raises_typed_errors(challenge: dict[str, Any], where: str) -> None:
     headers = httpx.Headers({"payment-required": b64(challenge)} if where == "header" else {})
     body = b"{}" if where == "header" else json.dumps(challenge).encode()
