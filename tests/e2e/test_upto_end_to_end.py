@@ -149,3 +149,22 @@ def test_an_upto_refusal_by_the_gateway_moves_nothing_and_is_typed(
     [receipt] = gw.receipts()
     assert receipt.cost == 0 and receipt.payment is not None and receipt.payment.scheme == "upto"
     assert ledger_total(gw) == receipt.payment.amount, "a signed ceiling stays exposure until it expires"
+
+
+@pytest.mark.parametrize("stack", ["httpx", "httpx2"])
+def test_both_http_stacks_read_the_streamed_settlement(
+    sandbox: SandboxServer, view: SandboxView, wallet: Wallet, stack: str
+) -> None:
+    gw = gateway(sandbox, wallet)
+    http = gw.http_client() if stack == "httpx" else gw.httpx2_client()
+    body = {"model": "sandbox/small", "messages": MESSAGES, "max_tokens": 400, "stream": True}
+    with http.stream("POST", f"{gw.base_url}/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        ceiling = response.headers["llm402-cost-max"]
+        assert "llm402-cost" not in response.headers, "the cost is known only after the stream"
+        text = b"".join(response.iter_bytes()).decode()
+    assert ": payment-response " in text, "the comment reaches the caller (SSE clients ignore it)"
+    [receipt] = gw.receipts()
+    assert receipt.payment is not None and receipt.payment.scheme == "upto"
+    assert receipt.cost == FUNDS - view.balance(wallet.address) < receipt.payment.amount == int(ceiling)
+    assert ledger_total(gw) == receipt.cost
