@@ -76,6 +76,8 @@ def test_every_field_merges_strictly() -> None:
         max_validity_seconds=60,
         topup_min_usd=Decimal("2"),
         global_cap_usd=Decimal("50"),
+        allowed_schemes=frozenset({"exact"}),
+        prefer_upto=False,
     )
     merged = merge_policies(loose, strict)
     assert merged.allowed_networks == {"eip155:84532"}
@@ -84,6 +86,7 @@ def test_every_field_merges_strictly() -> None:
     assert merged.max_validity_seconds == 60 and merged.global_cap_usd == Decimal("50")
     assert merged.topup_min_usd == Decimal("2") and merged.topup_max_usd == Decimal("20")
     assert not merged.allow_insecure_http and not merged.one_round_trip
+    assert merged.allowed_schemes == {"exact"} and not merged.prefer_upto
     assert merge_policies() == Policy() and merge_policies(strict) is strict
 
 
