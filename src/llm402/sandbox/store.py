@@ -7,13 +7,14 @@ No prompt or completion text is ever stored. Money is integer micro-USDC.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 SCHEMA = """
@@ -38,9 +39,16 @@ CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY, key_id INTEGER NOT NUL
 """
 
 
+@functools.lru_cache(maxsize=2)
+def _second_iso(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 def now_iso() -> str:
-    """The current UTC time as ``2026-04-07T12:00:00.000Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The current UTC time as ``2026-04-07T12:00:00.000Z`` (milliseconds truncated; the date and time of day are
+    formatted once a second)."""
+    seconds, millis = divmod(time.time_ns() // 1_000_000, 1000)
+    return f"{_second_iso(seconds)}.{millis:03d}Z"
 
 
 class SettleError(Exception):
@@ -141,19 +149,26 @@ class Store:
         created = now_iso()
         tx_id = "0x" + hashlib.sha256(f"llm402-sandbox:{payer}:{nonce}".encode()).hexdigest()
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM eip3009_nonces WHERE payer = ? AND nonce = ?", (payer, nonce)).fetchone():
-                raise SettleError("nonce_already_used", "this authorization nonce has already been used")
-            row = db.execute("SELECT balance FROM usdc_balances WHERE address = ?", (payer,)).fetchone()
-            balance = int(row["balance"]) if row else 0
-            if balance < amount:
-                raise SettleError("insufficient_balance", f"payer holds {balance} test USDC, needs {amount}")
-            db.execute("UPDATE usdc_balances SET balance = balance - ? WHERE address = ?", (amount, payer))
+            try:  # burning the nonce first is the used-nonce check (its primary key), in the same transaction
+                db.execute(
+                    "INSERT INTO eip3009_nonces (payer, nonce, used_at) VALUES (?, ?, ?)", (payer, nonce, created)
+                )
+            except sqlite3.IntegrityError:
+                raise SettleError("nonce_already_used", "this authorization nonce has already been used") from None
+            debited = db.execute(
+                "UPDATE usdc_balances SET balance = balance - ? WHERE address = ? AND balance >= ?",
+                (amount, payer, amount),
+            ).rowcount
+            if debited != 1:
+                row = db.execute("SELECT balance FROM usdc_balances WHERE address = ?", (payer,)).fetchone()
+                balance = int(row["balance"]) if row else 0
+                if balance < amount:
+                    raise SettleError("insufficient_balance", f"payer holds {balance} test USDC, needs {amount}")
             db.execute(
                 "INSERT INTO usdc_balances (address, balance) VALUES (?, ?) "
                 "ON CONFLICT(address) DO UPDATE SET balance = balance + excluded.balance",
                 (payee, amount),
             )
-            db.execute("INSERT INTO eip3009_nonces (payer, nonce, used_at) VALUES (?, ?, ?)", (payer, nonce, created))
             db.execute(
                 "INSERT INTO settlements (tx, payer, payee, amount, path, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (tx_id, payer, payee, amount, path, created),
@@ -175,8 +190,8 @@ class Store:
 
     def record_attempt(self, payer: str | None, nonce: str | None, outcome: str, reason: str | None, path: str) -> None:
         """Remember one presented payment and what became of it (``settled``, ``refused``, ``unsettled``)."""
-        with self._tx() as db:
-            db.execute(
+        with self._lock:  # one INSERT is its own (autocommit) transaction
+            self._db.execute(
                 "INSERT INTO payment_attempts (payer, nonce, outcome, reason, path, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (payer.lower() if payer else None, nonce.lower() if nonce else None, outcome, reason, path, now_iso()),
