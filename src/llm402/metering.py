@@ -22,8 +22,17 @@ from typing import Any
 
 MAX_JSON_BYTES = 8 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
-_USAGE_OBJECT = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
+_EVENT_TAILS = (b"\n\n", b"\n\r\n")
+_USAGE_OBJECT = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{')  # a literal prefix: searched fast
+_MAYBE_USAGE = re.compile(rb'"usage(?:Metadata)?"\s*(?::\s*)?[{\r\n]')
+"""A superset of `_USAGE_OBJECT` on raw wire bytes: also a usage key whose value may continue on the event's next
+``data:`` line. Chunks it does not match carry no usage object (``"usage":null`` does not match)."""
 SETTLEMENT_COMMENT = b": payment-response "
+
+
+def _worth_reading(data: bytes | bytearray) -> bool:
+    """Whether SSE bytes may hold something the meter reads: a usage object, the settlement comment or the end."""
+    return b"[DONE]" in data or b"payment-response" in data or _MAYBE_USAGE.search(data) is not None
 
 
 @dataclass(slots=True)
@@ -74,11 +83,22 @@ def usage_from_json(data: Any) -> Usage | None:
 _DECODER = json.JSONDecoder()
 
 
+def _last_usage_object(body: bytes) -> re.Match[bytes] | None:
+    """The last `_USAGE_OBJECT` match of ``body``, searched backwards (an answer's own usage comes last)."""
+    end = len(body)
+    while True:
+        start = body.rfind(b'"usage', 0, end)
+        if start < 0:
+            return None
+        match = _USAGE_OBJECT.match(body, start)
+        if match is not None:
+            return match
+        end = start
+
+
 def _tail_usage(body: bytes) -> Usage | None:
     """The last ``usage`` / ``usageMetadata`` object of a JSON answer, decoded alone (not the whole body)."""
-    match = None
-    for match in _USAGE_OBJECT.finditer(body):  # noqa: B007 - the last one is the answer's own
-        pass
+    match = _last_usage_object(body)
     if match is None:
         return None
     key = "usageMetadata" if match.group(0).startswith(b'"usageMetadata') else "usage"
@@ -104,7 +124,8 @@ class UsageMeter:
         self._opaque = encoding not in ("", "identity", "gzip", "deflate", "x-gzip")
         self._strip = strip_usage_event and streaming and self._inflate is None and not self._opaque
         self._buffer = bytearray()
-        self._carry = b""
+        self._parts: list[bytes] = []  # a non-streamed body, joined once at the end (no per-chunk copies)
+        self._size = 0
         self._overflow = False
         self.body: bytes | None = None
         """The whole (decoded) body of a non-streamed answer, kept for the response cache."""
@@ -122,32 +143,29 @@ class UsageMeter:
                 self._opaque = True
                 return chunk
         if not self.streaming:
-            if len(self._buffer) + len(data) <= MAX_JSON_BYTES:
-                self._buffer += data
+            self._size += len(data)
+            if self._size <= MAX_JSON_BYTES:
+                self._parts.append(data)
             else:
                 self._overflow = True
             return chunk
-        if not self._strip:
-            window = self._carry + data
-            self._carry = window[-24:]
-            interesting = (
-                b"[DONE]" in window
-                or b"payment-response" in window
-                or _USAGE_OBJECT.search(window)
-                or _USAGE_OBJECT.search(self._buffer)
-            )
-            if interesting:
-                self._buffer += data
-                self._drain_events(None)
-            else:  # nothing to read here: keep only the event still open at the end of the chunk
+        if (
+            not self._buffer
+            and b"[DONE]" not in data
+            and b"payment-response" not in data
+            and _MAYBE_USAGE.search(data) is None  # `_worth_reading` inlined: this runs for every chunk
+        ):
+            if data.endswith(_EVENT_TAILS):
+                # the common chunk: whole events without usage, settlement or end: nothing to read, hold or strip
+                return chunk
+            if not self._strip:  # nothing to read up to the event left open at the end: keep only that one
                 lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
-                cut = max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
-                if cut >= 0:
-                    self._buffer = bytearray(data[cut:])
-                else:
-                    self._buffer += data
-                    if len(self._buffer) > MAX_JSON_BYTES:
-                        self._buffer.clear()
+                cut = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+                self._buffer += data[cut:] if len(data) - cut <= MAX_JSON_BYTES else b""
+                return chunk
+        if not self._strip:  # an event begun in an earlier chunk, or something to read: parse event by event
+            self._buffer += data
+            self._drain_events(None)
             return chunk
         self._buffer += data
         out = bytearray()
@@ -162,10 +180,10 @@ class UsageMeter:
             if rest.strip():
                 self._event(rest)
             return rest if self._strip else b""
-        if not self._overflow and self._buffer:
-            self.body = bytes(self._buffer)
+        if not self._overflow and self._parts:
+            self.body = b"".join(self._parts)
             self.usage = _tail_usage(self.body) or self.usage
-        self._buffer.clear()
+        self._parts.clear()
         return b""
 
     def _drain_events(self, out: bytearray | None) -> None:
