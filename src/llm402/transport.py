@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextvars
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement
 
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding"})
 _SECRET_HEADERS = PAYMENT_HEADERS | {"authorization"}
+_PAYMENT_HEADER_NAMES = tuple(sorted(PAYMENT_HEADERS))
 
 
 class _Request(Protocol):
@@ -33,43 +34,46 @@ class _Request(Protocol):
 
 
 class _Ending:
-    """Finishes a flow exactly once when a delivered body ends, aborts or is closed; enforces the stream deadline.
+    """Finishes a flow exactly once when a delivered body ends, aborts or is closed; holds the stream deadline.
 
     ``current_receipt`` is set in the context that ends the body (the consumer's); receipt listeners run in the
     context of the call as it was at delivery, even when an abandoned stream is only closed by the garbage collector.
     """
 
-    def __init__(
-        self, http: ModuleType, meter: UsageMeter, deliver: Deliver, on_end: Callable[[StreamEnd], None]
-    ) -> None:
+    __slots__ = ("_context", "_ended", "_engine", "_flow", "_http", "deadline", "meter")
+
+    def __init__(self, http: ModuleType, meter: UsageMeter, deliver: Deliver, engine: Engine, flow: Any) -> None:
         self.meter = meter
         self._http = http
-        self._on_end = on_end
+        self._engine = engine
+        self._flow = flow
         self._ended = False
         self._context = contextvars.copy_context()
-        self._deadline = None if deliver.deadline_seconds is None else time.monotonic() + deliver.deadline_seconds
+        self.deadline = None if deliver.deadline_seconds is None else time.monotonic() + deliver.deadline_seconds
 
-    def feed(self, chunk: bytes) -> bytes:
-        if self._deadline is not None and time.monotonic() > self._deadline:
-            raise self._http.ReadTimeout("llm402: the stream ran past its deadline (max_stream_seconds)")
-        return self.meter.feed(chunk)
+    def timeout(self) -> Exception:
+        """The error of a stream that ran past its deadline."""
+        error: Exception = self._http.ReadTimeout("llm402: the stream ran past its deadline (max_stream_seconds)")
+        return error
 
     def end(self, *, aborted: bool, error: str | None = None) -> None:
         if self._ended:
             return
         self._ended = True
-        aborted = aborted and not self.meter.done
-        report = self.meter.settlement
+        meter = self.meter
+        aborted = aborted and not meter.done
+        report = meter.settlement
         end = StreamEnd(
-            self.meter.usage,
+            meter.usage,
             aborted=aborted,
             error=error if aborted else None,
-            body=self.meter.body,
+            body=meter.body,
             settlement=None if report is None else decode_settlement({"payment-response": report}),
         )
         token = delivery_context.set(self._context)
         try:
-            self._on_end(end)
+            if self._engine.advance(self._flow, end) is not None:
+                raise RuntimeError("llm402 flow asked for HTTP after delivery")
         finally:
             delivery_context.reset(token)
 
@@ -86,15 +90,17 @@ def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth:
             extensions=request.extensions,
         )
     ours = {name.lower() for name in send.headers}
-    if send.body is request.content and not ours & _SECRET_HEADERS:
+    if send.body is request.content and ours.isdisjoint(_SECRET_HEADERS):
         # the common case (first, unpaid send with the caller's body): adjust the caller's request in place instead
         # of building a new one; nothing secret is added, so a redirect httpx builds from it carries nothing of ours
+        headers = request.headers
         for name, value in send.headers.items():
-            request.headers[name] = value
-        if placeholder_auth is not None and request.headers.get("authorization") == placeholder_auth:
-            del request.headers["authorization"]
-        for name in PAYMENT_HEADERS & {k.lower() for k in request.headers}:
-            del request.headers[name]
+            headers[name] = value
+        if placeholder_auth is not None and headers.get("authorization") == placeholder_auth:
+            del headers["authorization"]
+        for name in _PAYMENT_HEADER_NAMES:
+            if name in headers:
+                del headers[name]
         return request
     headers = [
         (k, v)
@@ -112,7 +118,17 @@ def _local(http: ModuleType, request: _Request, answer: Answer) -> Any:
     return http.Response(answer.status, headers=list(answer.headers.items()), content=answer.body, request=request)
 
 
-def _delivered(http: ModuleType, request: Any, response: Any, deliver: Deliver, stream: Any) -> Any:
+def _delivered(http: ModuleType, request: Any, response: Any, deliver: Deliver, stream: Any, unread: bool) -> Any:
+    """The response handed to the caller: the gateway's, with our headers added and its body metered. A response
+    whose body is still unread is adjusted in place; one whose body was read (by us, or already by the inner
+    transport: a mock's ``content=``) is rebuilt around the metered stream."""
+    if unread and not hasattr(response, "_content"):
+        headers = response.headers
+        for name, value in deliver.headers.items():
+            headers[name] = value
+        response.stream = stream
+        response.request = request
+        return response
     headers = http.Headers(response.headers)
     for name, value in deliver.headers.items():
         headers[name] = value
@@ -125,10 +141,16 @@ def _delivered(http: ModuleType, request: Any, response: Any, deliver: Deliver, 
     )
 
 
+def _header(headers: Any, name: str) -> str | None:
+    """One header's value (repeats joined), without the KeyError a missing header costs ``Headers.get``."""
+    values = headers.get_list(name)
+    return ", ".join(values) if values else None
+
+
 def _meter(response: Any, deliver: Deliver, streaming: bool) -> UsageMeter:
     return UsageMeter(
         streaming=streaming,
-        content_encoding=response.headers.get("content-encoding"),
+        content_encoding=_header(response.headers, "content-encoding"),
         strip_usage_event=deliver.strip_usage_event,
     )
 
@@ -144,9 +166,12 @@ class SyncMeteredStream:
         self._ending = ending
 
     def __iter__(self) -> Iterator[bytes]:
+        feed, deadline, monotonic = self._ending.meter.feed, self._ending.deadline, time.monotonic
         try:
             for chunk in self._inner:
-                out = self._ending.feed(chunk)
+                if deadline is not None and monotonic() > deadline:
+                    raise self._ending.timeout()
+                out = feed(chunk)
                 if out:
                     yield out
             tail = self._ending.meter.finish()
@@ -166,7 +191,7 @@ class SyncMeteredStream:
 
 def _decoded(response: Any, raw: bytes) -> bytes:
     """The body for parsing: gzip/deflate undone (bounded), whatever the gateway sent despite ``identity``."""
-    if response.headers.get("content-encoding", "").lower() in ("gzip", "deflate", "x-gzip"):
+    if (_header(response.headers, "content-encoding") or "").lower() in ("gzip", "deflate", "x-gzip"):
         try:
             return zlib.decompressobj(wbits=47).decompress(raw, MAX_CHALLENGE_BYTES + 1)
         except zlib.error:
@@ -214,16 +239,11 @@ def handle_sync(
         elif isinstance(effect, Deliver):
             deliver = effect
             meter = _meter(response, deliver, call.streaming)
-            ending = _Ending(http, meter, deliver, lambda end: _finish(engine, flow, end))
+            ending = _Ending(http, meter, deliver, engine, flow)
             raw = http.ByteStream(consumed) if consumed is not None else response.stream
-            return _delivered(http, request, response, deliver, stream_type(raw, ending))
+            return _delivered(http, request, response, deliver, stream_type(raw, ending), consumed is None)
         else:
             raise RuntimeError("llm402 flow ended without an answer")
-
-
-def _finish(engine: Engine, flow: Any, end: StreamEnd) -> None:
-    if engine.advance(flow, end) is not None:
-        raise RuntimeError("llm402 flow asked for HTTP after delivery")
 
 
 # --- async -----------------------------------------------------------------------------------------------------
@@ -237,9 +257,12 @@ class AsyncMeteredStream:
         self._ending = ending
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        feed, deadline, monotonic = self._ending.meter.feed, self._ending.deadline, time.monotonic
         try:
             async for chunk in self._inner:
-                out = self._ending.feed(chunk)
+                if deadline is not None and monotonic() > deadline:
+                    raise self._ending.timeout()
+                out = feed(chunk)
                 if out:
                     yield out
             tail = self._ending.meter.finish()
@@ -298,9 +321,9 @@ async def handle_async(
         elif isinstance(effect, Deliver):
             deliver = effect
             meter = _meter(response, deliver, call.streaming)
-            ending = _Ending(http, meter, deliver, lambda end: _finish(engine, flow, end))
+            ending = _Ending(http, meter, deliver, engine, flow)
             raw = http.ByteStream(consumed) if consumed is not None else response.stream
-            return _delivered(http, request, response, deliver, stream_type(raw, ending))
+            return _delivered(http, request, response, deliver, stream_type(raw, ending), consumed is None)
         else:
             raise RuntimeError("llm402 flow ended without an answer")
 
