@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict, deque
@@ -39,17 +40,22 @@ class MemoryLedger:
         self._spent_agent: defaultdict[str, int] = defaultdict(int)
         self._spent_global = 0
         self._receipts: deque[Receipt] = deque(maxlen=max_receipts)
+        self._next_expiry = math.inf
+        """No open reservation expires before this (a lower bound: a reservation can only be extended)."""
 
     # all helpers below run under self._lock
     def _sweep(self, now: float) -> int:
         resolved = 0
+        next_expiry = math.inf
         for call_id, res in list(self._open.items()):
             if res.expires_at > now:
+                next_expiry = min(next_expiry, res.expires_at)
                 continue
             if res.state == EXPOSED:
                 self._commit(res.agent, res.day, res.exposure)
             del self._open[call_id]
             resolved += 1
+        self._next_expiry = next_expiry
         return resolved
 
     def _commit(self, agent: str, day: str, amount: int) -> None:
@@ -86,11 +92,14 @@ class MemoryLedger:
         if hold.amount < 0:
             raise ConfigurationError("a reservation cannot be negative")
         with self._lock:
-            self._sweep(self._now())
+            now = self._now()
+            if now >= self._next_expiry:  # something may have expired: resolve it before counting
+                self._sweep(now)
             if hold.call_id in self._open:
                 raise ConfigurationError(f"call {hold.call_id} already holds a reservation")
             self._check(hold.agent, hold.day, hold.amount, caps)
             self._open[hold.call_id] = _Reservation(hold.agent, hold.day, hold.amount, hold.expires_at)
+            self._next_expiry = min(self._next_expiry, hold.expires_at)
 
     def grow(self, call_id: str, amount: int, caps: Caps) -> None:
         """Raise a reservation under the caps."""
