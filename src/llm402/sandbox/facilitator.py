@@ -229,16 +229,17 @@ def typed_data(config: SandboxConfig, auth: Authorization) -> dict[str, Any]:
 
 
 def recover_signer(config: SandboxConfig, auth: Authorization, signature: str) -> str | None:
-    """The (checksummed) address that signed ``auth``; None when the signature does not parse or recover.
+    """The address (lowercase hex) that signed ``auth``; None when the signature does not parse or recover.
 
     The EIP-712 digest of ``TransferWithAuthorization`` is computed here directly, not through a general typed-data
     encoder (~1 ms a payment), and written apart from the client's signer on purpose: a digest bug on one side cannot
     pass its own check. It is the digest of eth-account's ``encode_typed_data(full_message=typed_data(...))``
     (``tests/unit/test_sandbox_digest.py`` compares them on random inputs). Signatures are read as eth-account reads
     them: 65 bytes ``r || s || v``, ``v`` in {0, 1, 27, 28} or EIP-155 style (>= 35), ``r`` and ``s`` in [1, n).
+    Domain separators are kept on the function, by domain (the few a sandbox serves).
     """
     from coincurve import PublicKey
-    from eth_utils.crypto import keccak
+    from eth_hash.auto import keccak
 
     # keccak("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
     domain_type = bytes.fromhex("8b73c3c69bb8fe3d512ecc4cf759cc79239f7b179b0ffacaa9a75d522b39400f")
@@ -247,6 +248,7 @@ def recover_signer(config: SandboxConfig, auth: Authorization, signature: str) -
     transfer_type = bytes.fromhex("7c7c6cdb67a18743f49ec6fa9b35f50d52ed05cbed4cc592e13b44501c1a2267")
     order = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141  # of secp256k1's group
     pad = bytes(12)  # an address is a 32-byte word, left-padded
+    separators: dict[tuple[str, str, int, str], bytes] = recover_signer.__dict__.setdefault("separators", {})
     try:
         raw = bytes.fromhex(signature[2:])
         if len(raw) != 65:
@@ -260,14 +262,20 @@ def recover_signer(config: SandboxConfig, auth: Authorization, signature: str) -
             return None
         if not (0 < int.from_bytes(raw[:32], "big") < order and 0 < int.from_bytes(raw[32:64], "big") < order):
             return None
-        separator = keccak(
-            domain_type
-            + keccak(config.asset_name.encode())
-            + keccak(config.asset_version.encode())
-            + config.chain_id.to_bytes(32, "big")
-            + pad
-            + bytes.fromhex(config.asset[2:])
-        )
+        domain = (config.asset_name, config.asset_version, config.chain_id, config.asset)
+        separator = separators.get(domain)
+        if separator is None:
+            separator = keccak(
+                domain_type
+                + keccak(config.asset_name.encode())
+                + keccak(config.asset_version.encode())
+                + config.chain_id.to_bytes(32, "big")
+                + pad
+                + bytes.fromhex(config.asset[2:])
+            )
+            if len(separators) >= 64:
+                separators.clear()
+            separators[domain] = separator
         struct = keccak(
             transfer_type
             + pad
@@ -279,13 +287,12 @@ def recover_signer(config: SandboxConfig, auth: Authorization, signature: str) -
             + auth.valid_before.to_bytes(32, "big")
             + bytes.fromhex(auth.nonce[2:])
         )
-        digest = keccak(b"\x19\x01" + separator + struct)
-        point = PublicKey.from_signature_and_message(raw[:64] + bytes((v,)), digest, hasher=None)
+        point = PublicKey.from_signature_and_message(
+            raw[:64] + bytes((v,)), keccak(b"\x19\x01" + separator + struct), hasher=None
+        )
     except Exception:  # a malformed signature or field (bad hex, off-curve r, wrong length) is simply not valid
         return None
-    address = keccak(point.format(compressed=False)[1:])[-20:].hex()
-    mask = keccak(address.encode()).hex()  # EIP-55: upper-case the letters whose hash nibble is >= 8
-    return "0x" + "".join(c.upper() if int(m, 16) >= 8 else c for c, m in zip(address, mask, strict=False))
+    return "0x" + keccak(point.format(compressed=False)[1:])[-20:].hex()
 
 
 class Facilitator:
