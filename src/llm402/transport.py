@@ -23,6 +23,7 @@ from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding"})
 _SECRET_HEADERS = PAYMENT_HEADERS | {"authorization"}
 _PAYMENT_HEADER_NAMES = tuple(sorted(PAYMENT_HEADERS))
+_DROPPED_ON_REBUILD = frozenset(name.encode("ascii") for name in _HOP_HEADERS | PAYMENT_HEADERS)
 
 
 class _Request(Protocol):
@@ -102,16 +103,23 @@ def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth:
             if name in headers:
                 del headers[name]
         return request
+    # a new request (a payment or key goes along, or the body changed): the caller's headers as raw bytes, filtered
+    skip = _DROPPED_ON_REBUILD | {name.encode("ascii") for name in ours}
+    placeholder = None if placeholder_auth is None else placeholder_auth.encode("ascii")
     headers = [
-        (k, v)
-        for k, v in request.headers.multi_items()
-        if k.lower() not in _HOP_HEADERS
-        and k.lower() not in PAYMENT_HEADERS
-        and k.lower() not in ours
-        and not (k.lower() == "authorization" and v == placeholder_auth)
+        (key, value)
+        for key, value in request.headers.raw
+        if (lower := key.lower()) not in skip and not (lower == b"authorization" and value == placeholder)
     ]
-    headers.extend(send.headers.items())
-    return http.Request(request.method, request.url, headers=headers, content=send.body, extensions=request.extensions)
+    if not any(key.lower() == b"host" for key, _ in headers):
+        headers.insert(0, (b"Host", request.url.netloc))
+    headers.extend((name.encode("ascii"), value.encode("ascii")) for name, value in send.headers.items())
+    headers.append((b"Content-Length", str(len(send.body)).encode("ascii")))
+    outgoing = http.Request(
+        request.method, request.url, headers=headers, stream=http.ByteStream(send.body), extensions=request.extensions
+    )
+    outgoing.read()
+    return outgoing
 
 
 def _local(http: ModuleType, request: _Request, answer: Answer) -> Any:
