@@ -21,9 +21,9 @@ from .metering import UsageMeter
 from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement
 
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding"})
-_SECRET_HEADERS = PAYMENT_HEADERS | {"authorization"}
-_PAYMENT_HEADER_NAMES = tuple(sorted(PAYMENT_HEADERS))
-_DROPPED_ON_REBUILD = frozenset(name.encode("ascii") for name in _HOP_HEADERS | PAYMENT_HEADERS)
+_PAYMENT_HEADER_BYTES = frozenset(name.encode("ascii") for name in PAYMENT_HEADERS)
+_SECRET_HEADER_BYTES = _PAYMENT_HEADER_BYTES | {b"authorization"}
+_DROPPED_ON_REBUILD = _PAYMENT_HEADER_BYTES | {name.encode("ascii") for name in _HOP_HEADERS}
 
 
 class _Request(Protocol):
@@ -90,31 +90,28 @@ def _outgoing(http: ModuleType, request: _Request, send: Send, placeholder_auth:
             content=send.body,
             extensions=request.extensions,
         )
-    ours = {name.lower() for name in send.headers}
-    if send.body is request.content and ours.isdisjoint(_SECRET_HEADERS):
-        # the common case (first, unpaid send with the caller's body): adjust the caller's request in place instead
-        # of building a new one; nothing secret is added, so a redirect httpx builds from it carries nothing of ours
-        headers = request.headers
-        for name, value in send.headers.items():
-            headers[name] = value
-        if placeholder_auth is not None and headers.get("authorization") == placeholder_auth:
-            del headers["authorization"]
-        for name in _PAYMENT_HEADER_NAMES:
-            if name in headers:
-                del headers[name]
-        return request
-    # a new request (a payment or key goes along, or the body changed): the caller's headers as raw bytes, filtered
-    skip = _DROPPED_ON_REBUILD | {name.encode("ascii") for name in ours}
+    ours = [(name.encode("ascii"), value.encode("ascii")) for name, value in send.headers.items()]
+    names = {name.lower() for name, _ in ours}
+    in_place = send.body is request.content and names.isdisjoint(_SECRET_HEADER_BYTES)
+    skip = (_PAYMENT_HEADER_BYTES if in_place else _DROPPED_ON_REBUILD) | names
     placeholder = None if placeholder_auth is None else placeholder_auth.encode("ascii")
     headers = [
         (key, value)
         for key, value in request.headers.raw
         if (lower := key.lower()) not in skip and not (lower == b"authorization" and value == placeholder)
     ]
+    if in_place:
+        # the common case (first, unpaid send with the caller's body): the caller's request goes out with its headers
+        # replaced instead of a new request; nothing secret is added, so a redirect httpx builds from it carries
+        # nothing of ours
+        headers.extend(ours)
+        request.headers = http.Headers(headers)
+        return request
+    # a new request (a payment or key goes along, or the body changed), so the caller's never carries a secret
     if not any(key.lower() == b"host" for key, _ in headers):
         headers.insert(0, (b"Host", request.url.netloc))
-    headers.extend((name.encode("ascii"), value.encode("ascii")) for name, value in send.headers.items())
-    headers.append((b"Content-Length", str(len(send.body)).encode("ascii")))
+    headers.extend(ours)
+    headers.append((b"content-length", str(len(send.body)).encode("ascii")))
     outgoing = http.Request(
         request.method, request.url, headers=headers, stream=http.ByteStream(send.body), extensions=request.extensions
     )
