@@ -70,11 +70,16 @@ def median_of(fn: Callable[[], object], n: int) -> float:
 
 
 def interleaved(a: Callable[[], object], b: Callable[[], object], n: int) -> tuple[float, float]:
-    """Median seconds of ``a`` and ``b``, alternating so drift on a noisy machine hits both alike."""
+    """Median seconds of ``a`` and ``b``, alternating (a b, b a, a b, ...) so drift on a noisy machine, and whatever
+    the call before leaves behind (caches, the other thread's leftover work), hit both alike."""
     xs, ys = [], []
-    for _ in range(n):
-        xs.append(median_of(a, 1))
-        ys.append(median_of(b, 1))
+    for i in range(n):
+        if i % 2:
+            ys.append(median_of(b, 1))
+            xs.append(median_of(a, 1))
+        else:
+            xs.append(median_of(a, 1))
+            ys.append(median_of(b, 1))
     return statistics.median(xs), statistics.median(ys)
 
 
@@ -269,13 +274,12 @@ def main() -> int:
         )
 
         ttfb_ours, ttfb_plain, rate_ours, rate_plain = [], [], [], []
-        for _ in range(max(n // 10, 10)):
-            t, r = stream_figures(ours, 200)
-            ttfb_ours.append(t)
-            rate_ours.append(r)
-            t, r = stream_figures(plain, 200)
-            ttfb_plain.append(t)
-            rate_plain.append(r)
+        pairs = [(ours, ttfb_ours, rate_ours), (plain, ttfb_plain, rate_plain)]
+        for i in range(max(n // 5, 10)):  # alternating order, as `interleaved`
+            for client, ttfb, rate in pairs if i % 2 == 0 else pairs[::-1]:
+                t, r = stream_figures(client, 200)
+                ttfb.append(t)
+                rate.append(r)
         row(
             "5a. stream: time to first chunk vs the plain client",
             statistics.median(ttfb_ours) * 1e3,
