@@ -12,10 +12,10 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import re
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
@@ -457,10 +457,15 @@ class FlowConfig:
     """Who calls and why (``llm402-agent``, ``llm402-intent``), sent with every request."""
     policy_source: Callable[[], Policy] | None = None
     """A live policy (e.g. an on-chain source's ``current``): read into ``policy`` at the start of every call."""
+    _caps: tuple[Policy, Caps] | None = field(default=None, repr=False, compare=False)
 
     def caps(self) -> Caps:
-        """The policy's caps in micro-USDC."""
-        return Caps(self.policy.daily_cap, self.policy.total_budget, self.policy.global_cap)
+        """The policy's caps in micro-USDC (converted once per policy value)."""
+        cached = self._caps
+        if cached is None or cached[0] is not self.policy:
+            cached = (self.policy, Caps(self.policy.daily_cap, self.policy.total_budget, self.policy.global_cap))
+            self._caps = cached
+        return cached[1]
 
 
 def _origin(url: str) -> str:
@@ -684,7 +689,7 @@ def topup_flow(
     settlement = decode_settlement(head.headers)
     record = _payment_record(payment, settlement, reused=False)
     receipt = Receipt(
-        call_id=uuid.uuid4().hex,
+        call_id=os.urandom(16).hex(),
         agent=cfg.agent,
         intent=cfg.intent,
         gateway=origin,
@@ -711,7 +716,7 @@ def _as_topup(record: PaymentRecord) -> PaymentRecord:
 def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None]:
     """One logical call, from policy check to receipt."""
     started = cfg.clock()
-    call_id = uuid.uuid4().hex
+    call_id = os.urandom(16).hex()
     day = datetime.fromtimestamp(started, UTC).date().isoformat()
 
     def receipt(**fields: Any) -> Receipt:
@@ -790,8 +795,8 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             headers["authorization"] = f"Bearer {cfg.api_key}"
 
         # one round trip: this request shape's price is known, so the payment goes with the first request
-        shape = quote_key(call)
-        known = cfg.quotes.get(shape, started) if cfg.policy.one_round_trip and payment is None else None
+        shape = quote_key(call) if cfg.policy.one_round_trip else None  # what a known price is remembered by
+        known = cfg.quotes.get(shape, started) if shape is not None and payment is None else None
         if known is not None:
             try:
                 requirement = select_requirement(known, cfg.policy)
@@ -817,7 +822,7 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         outstanding = 0
         if prepaid is not None and head.status == 402:
             # the gateway did not take the payment sent up front: it stays exposure until it expires; pay the new quote
-            cfg.quotes.forget(shape)
+            cfg.quotes.forget(quote_key(call))
             cfg.payments.forget(call.fingerprint)
             headers.pop(prepaid.header_name, None)
             payment, outstanding = None, prepaid.amount
@@ -864,7 +869,8 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
                     yield Grow(call_id, requirement.amount + outstanding, caps)
                     reserved = requirement.amount + outstanding
                 payment = yield from _authorize(cfg, challenge, requirement, call.url, call.model, "call")
-                cfg.quotes.put(shape, challenge, started)
+                if shape is not None:
+                    cfg.quotes.put(shape, challenge, started)
                 if challenge.extensions and SIGN_IN_WITH_X in challenge.extensions:
                     headers.update((yield SignIn(dict(challenge.extensions), call.url, requirement.network)))
     except _Refused as refused:

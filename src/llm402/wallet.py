@@ -97,6 +97,7 @@ class _TypedDigest:
         key = tuple((name, tuple((f["name"], f["type"]) for f in fields)) for name, fields in types.items())
         hashes = self._type_hashes.get(key)
         if hashes is None:
+
             def signature(name: str) -> str:
                 return name + "(" + ",".join(f"{f['type']} {f['name']}" for f in types[name]) + ")"
 
