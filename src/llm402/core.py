@@ -820,9 +820,9 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             raise
         paid_up_front = payment is not None and not reused and head.status != 402
         outstanding = 0
-        if prepaid is not None and head.status == 402:
+        if prepaid is not None and shape is not None and head.status == 402:
             # the gateway did not take the payment sent up front: it stays exposure until it expires; pay the new quote
-            cfg.quotes.forget(quote_key(call))
+            cfg.quotes.forget(shape)
             cfg.payments.forget(call.fingerprint)
             headers.pop(prepaid.header_name, None)
             payment, outstanding = None, prepaid.amount

@@ -42,11 +42,12 @@ from . import models as m
 from .auth import SiweContext, Unauthorized, hash_key, key_owner, new_api_key, verify_siwe
 from .config import Dialect, Mode, ModelSpec, SandboxConfig
 from .dialects import CHANGED_PAYEE, Quote, challenge, payment_header, settlement_headers
-from .facilitator import Facilitator, Payment, Refusal, decode_payment, decode_upto, peek_payer_nonce
+from .facilitator import Facilitator, Payment, decode_payment, decode_upto, peek_payer_nonce
 from .faults import FaultBook, Faults, FaultSpecError
 from .permit2 import UptoPayment
 from .store import Store
 from .upstream import Upstream, UpstreamFailure, UsageBox
+from .wire import Refusal
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 KEEPALIVE_SECONDS = 0.05

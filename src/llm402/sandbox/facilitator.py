@@ -21,42 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Dialect, SandboxConfig
-from .permit2 import UptoPayment, UptoRefusal, check_upto, is_upto, parse_upto
+from .permit2 import UptoPayment, check_upto, is_upto, parse_upto
 from .store import Settled, SettleError, Store
+from .wire import VALIDITY_SLACK_SECONDS, Refusal, address, uint256
 
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
 _HEX = re.compile(r"^0x[0-9a-fA-F]+$")
-_UINT = re.compile(r"^[0-9]{1,78}$")
-UINT256_MAX = 2**256 - 1
-VALIDITY_SLACK_SECONDS = 30
-"""How far beyond ``maxTimeoutSeconds`` a ``validBefore`` may reach before it counts as ``validity_too_long``."""
-
-REFUSAL_REASONS = (
-    "malformed_payment",
-    "scheme_mismatch",
-    "network_mismatch",
-    "asset_mismatch",
-    "recipient_mismatch",
-    "underpaid",
-    "amount_mismatch",
-    "not_yet_valid",
-    "expired",
-    "validity_too_long",
-    "invalid_signature",
-    "nonce_already_used",
-    "insufficient_balance",
-)
-
-
-class Refusal(Exception):
-    """A payment the facilitator will not settle: a machine-readable ``reason`` and a human message."""
-
-    def __init__(self, reason: str, message: str, payment: Payment | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.payment = payment
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,22 +56,6 @@ class Payment:
     def payer(self) -> str:
         """The ``from`` address."""
         return self.authorization.from_
-
-
-def _uint(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} is not an unsigned integer")
-    if isinstance(value, int) and 0 <= value <= UINT256_MAX:
-        return value
-    if isinstance(value, str) and _UINT.match(value) and int(value) <= UINT256_MAX:
-        return int(value)
-    raise ValueError(f"{name} is not an unsigned integer string")
-
-
-def _address(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not _ADDRESS.match(value):
-        raise ValueError(f"{name} is not an address")
-    return value
 
 
 def _decode_b64_json(value: str) -> Any:
@@ -141,11 +95,11 @@ def decode_payment(header: str) -> Payment:
         if not isinstance(nonce, str) or not _BYTES32.match(nonce):
             raise ValueError("authorization.nonce is not a bytes32 hex string")
         authorization = Authorization(
-            from_=_address(auth.get("from"), "authorization.from"),
-            to=_address(auth.get("to"), "authorization.to"),
-            value=_uint(auth.get("value"), "authorization.value"),
-            valid_after=_uint(auth.get("validAfter"), "authorization.validAfter"),
-            valid_before=_uint(auth.get("validBefore"), "authorization.validBefore"),
+            from_=address(auth.get("from"), "authorization.from"),
+            to=address(auth.get("to"), "authorization.to"),
+            value=uint256(auth.get("value"), "authorization.value"),
+            valid_after=uint256(auth.get("validAfter"), "authorization.validAfter"),
+            valid_before=uint256(auth.get("validBefore"), "authorization.validBefore"),
             nonce=nonce,
         )
         if version == 2:
@@ -171,12 +125,7 @@ def decode_upto(header: str) -> UptoPayment | None:
         data = _decode_b64_json(header)
     except ValueError:
         return None
-    if not is_upto(data):
-        return None
-    try:
-        return parse_upto(data)
-    except UptoRefusal as refusal:
-        raise Refusal(refusal.reason, refusal.message) from None
+    return parse_upto(data) if is_upto(data) else None
 
 
 def peek_payer_nonce(header: str) -> tuple[str | None, str | None]:
@@ -313,43 +262,40 @@ class Facilitator:
         now = int(time.time()) if now is None else now
         auth = payment.authorization
 
-        def refuse(reason: str, message: str) -> Refusal:
-            return Refusal(reason, message, payment)
-
         if dialect == "v2" and payment.version != 2:
-            raise refuse("malformed_payment", "this resource takes an x402 v2 payload in PAYMENT-SIGNATURE")
+            raise Refusal("malformed_payment", "this resource takes an x402 v2 payload in PAYMENT-SIGNATURE")
         if dialect == "v1" and payment.version != 1:
-            raise refuse("malformed_payment", "this resource takes an x402 v1 payload in X-PAYMENT")
+            raise Refusal("malformed_payment", "this resource takes an x402 v1 payload in X-PAYMENT")
         if payment.scheme != "exact":
-            raise refuse("scheme_mismatch", f"scheme {str(payment.scheme)[:40]!r} is not 'exact'")
+            raise Refusal("scheme_mismatch", f"scheme {str(payment.scheme)[:40]!r} is not 'exact'")
         expected_network = self._expected_network(payment, dialect)
         if payment.network != expected_network:
-            raise refuse("network_mismatch", f"network {str(payment.network)[:40]!r} is not {expected_network!r}")
+            raise Refusal("network_mismatch", f"network {str(payment.network)[:40]!r} is not {expected_network!r}")
         if payment.asset is not None and payment.asset.lower() != cfg.asset.lower():
-            raise refuse("asset_mismatch", f"asset {payment.asset[:42]} is not {cfg.asset}")
+            raise Refusal("asset_mismatch", f"asset {payment.asset[:42]} is not {cfg.asset}")
         if auth.to.lower() != cfg.payee.lower():
-            raise refuse("recipient_mismatch", f"authorization pays {auth.to}, not the payee {cfg.payee}")
+            raise Refusal("recipient_mismatch", f"authorization pays {auth.to}, not the payee {cfg.payee}")
         if auth.value < price:
-            raise refuse("underpaid", f"authorization value {auth.value} is below the price {price}")
+            raise Refusal("underpaid", f"authorization value {auth.value} is below the price {price}")
         if auth.value != price:
-            raise refuse("amount_mismatch", f"authorization value {auth.value} is not the price {price}")
+            raise Refusal("amount_mismatch", f"authorization value {auth.value} is not the price {price}")
         if now < auth.valid_after:
-            raise refuse("not_yet_valid", f"validAfter {auth.valid_after} is in the future (now {now})")
+            raise Refusal("not_yet_valid", f"validAfter {auth.valid_after} is in the future (now {now})")
         if now >= auth.valid_before:
-            raise refuse("expired", f"validBefore {auth.valid_before} has passed (now {now})")
+            raise Refusal("expired", f"validBefore {auth.valid_before} has passed (now {now})")
         if auth.valid_before > now + cfg.max_timeout_seconds + VALIDITY_SLACK_SECONDS:
-            raise refuse(
+            raise Refusal(
                 "validity_too_long",
                 f"validBefore {auth.valid_before} is more than maxTimeoutSeconds={cfg.max_timeout_seconds} away",
             )
         signer = recover_signer(cfg, auth, payment.signature)
         if signer is None or signer.lower() != auth.from_.lower():
-            raise refuse("invalid_signature", "the signature does not recover to authorization.from")
+            raise Refusal("invalid_signature", "the signature does not recover to authorization.from")
         if self.store.nonce_used(auth.from_, auth.nonce):
-            raise refuse("nonce_already_used", "this authorization nonce has already been used")
+            raise Refusal("nonce_already_used", "this authorization nonce has already been used")
         balance = self.store.usdc_balance(auth.from_)
         if balance < auth.value:
-            raise refuse("insufficient_balance", f"payer holds {balance} test USDC, needs {auth.value}")
+            raise Refusal("insufficient_balance", f"payer holds {balance} test USDC, needs {auth.value}")
 
     def settle(self, payment: Payment, path: str, *, topup_wallet: str | None = None) -> Settled:
         """Execute the transfer (payer -> payee) and burn the nonce, atomically. Raises `Refusal` on a lost race."""
@@ -359,14 +305,11 @@ class Facilitator:
                 auth.from_, self.config.payee, auth.value, auth.nonce, path, topup_wallet=topup_wallet
             )
         except SettleError as exc:
-            raise Refusal(exc.reason, str(exc), payment) from None
+            raise Refusal(exc.reason, str(exc)) from None
 
     def verify_upto(self, payment: UptoPayment, ceiling: int, now: int | None = None) -> None:
         """Raise `Refusal` unless ``payment`` validly authorizes ``ceiling``, unused and funded (see `check_upto`)."""
-        try:
-            check_upto(self.config, payment, ceiling, now)
-        except UptoRefusal as refusal:
-            raise Refusal(refusal.reason, refusal.message) from None
+        check_upto(self.config, payment, ceiling, now)
         if self.store.nonce_used(payment.payer, payment.nonce_key):
             raise Refusal("nonce_already_used", "this Permit2 nonce has already been used")
         balance = self.store.usdc_balance(payment.payer)

@@ -17,22 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import SandboxConfig
+from .wire import VALIDITY_SLACK_SECONDS, Refusal, address, uint256
 
 PERMIT2 = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
 """The canonical Permit2 contract (the same address on every EVM chain)."""
 UPTO_PROXY = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
 """x402's upto Permit2 proxy, the only ``spender`` an upto authorization may name."""
-UINT256_MAX = 2**256 - 1
-VALIDITY_SLACK_SECONDS = 30
-
-
-class UptoRefusal(Exception):
-    """An upto payment the facilitator will not settle (``reason`` is machine-readable)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,24 +55,6 @@ def is_upto(data: Any) -> bool:
     return isinstance(inner, dict) and "permit2Authorization" in inner
 
 
-def _uint(value: Any, name: str) -> int:
-    if isinstance(value, str) and value.isdigit() and len(value) <= 78 and int(value) <= UINT256_MAX:
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT256_MAX:
-        return value
-    raise ValueError(f"{name} is not an unsigned integer")
-
-
-def _address(value: Any, name: str) -> str:
-    if not (isinstance(value, str) and len(value) == 42 and value.startswith("0x")):
-        raise ValueError(f"{name} is not an address")
-    try:
-        int(value[2:], 16)
-    except ValueError:
-        raise ValueError(f"{name} is not an address") from None
-    return value
-
-
 def _object(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"missing {name} object")
@@ -90,7 +62,7 @@ def _object(value: Any, name: str) -> dict[str, Any]:
 
 
 def parse_upto(data: dict[str, Any]) -> UptoPayment:
-    """A decoded v2 envelope -> `UptoPayment`. Raises `UptoRefusal` (``malformed_payment``)."""
+    """A decoded v2 envelope -> `UptoPayment`. Raises `Refusal` (``malformed_payment``)."""
     try:
         if data.get("x402Version") != 2:
             raise ValueError("upto takes an x402 v2 payload")
@@ -110,19 +82,19 @@ def parse_upto(data: dict[str, Any]) -> UptoPayment:
             scheme=accepted.get("scheme"),
             network=accepted.get("network"),
             asset=accepted.get("asset"),
-            payer=_address(auth.get("from"), "permit2Authorization.from"),
-            token=_address(permitted.get("token"), "permitted.token"),
-            ceiling=_uint(permitted.get("amount"), "permitted.amount"),
-            spender=_address(auth.get("spender"), "permit2Authorization.spender"),
-            nonce=_uint(auth.get("nonce"), "permit2Authorization.nonce"),
-            deadline=_uint(auth.get("deadline"), "permit2Authorization.deadline"),
-            to=_address(witness.get("to"), "witness.to"),
-            facilitator=_address(witness.get("facilitator"), "witness.facilitator"),
-            valid_after=_uint(witness.get("validAfter"), "witness.validAfter"),
+            payer=address(auth.get("from"), "permit2Authorization.from"),
+            token=address(permitted.get("token"), "permitted.token"),
+            ceiling=uint256(permitted.get("amount"), "permitted.amount"),
+            spender=address(auth.get("spender"), "permit2Authorization.spender"),
+            nonce=uint256(auth.get("nonce"), "permit2Authorization.nonce"),
+            deadline=uint256(auth.get("deadline"), "permit2Authorization.deadline"),
+            to=address(witness.get("to"), "witness.to"),
+            facilitator=address(witness.get("facilitator"), "witness.facilitator"),
+            valid_after=uint256(witness.get("validAfter"), "witness.validAfter"),
             signature=signature,
         )
     except ValueError as exc:
-        raise UptoRefusal("malformed_payment", str(exc)) from None
+        raise Refusal("malformed_payment", str(exc)) from None
 
 
 def typed_data(chain_id: int, payment: UptoPayment) -> dict[str, Any]:
@@ -174,7 +146,7 @@ def recover_upto_signer(chain_id: int, payment: UptoPayment) -> str | None:
 
 
 def check_upto(config: SandboxConfig, payment: UptoPayment, ceiling: int, now: int | None = None) -> None:
-    """Raise `UptoRefusal` unless ``payment`` authorizes exactly ``ceiling`` to the payee through the upto proxy,
+    """Raise `Refusal` unless ``payment`` authorizes exactly ``ceiling`` to the payee through the upto proxy,
     bound to this facilitator, valid now and signed by its payer. Nonce and balance are the caller's to check."""
     now = int(time.time()) if now is None else now
 
@@ -182,30 +154,30 @@ def check_upto(config: SandboxConfig, payment: UptoPayment, ceiling: int, now: i
         return a.lower() == b.lower()
 
     if payment.scheme != "upto":
-        raise UptoRefusal("scheme_mismatch", f"scheme {str(payment.scheme)[:40]!r} is not 'upto'")
+        raise Refusal("scheme_mismatch", f"scheme {str(payment.scheme)[:40]!r} is not 'upto'")
     if payment.network != config.network:
-        raise UptoRefusal("network_mismatch", f"network {str(payment.network)[:40]!r} is not {config.network!r}")
+        raise Refusal("network_mismatch", f"network {str(payment.network)[:40]!r} is not {config.network!r}")
     if not same(payment.token, config.asset) or (payment.asset is not None and not same(payment.asset, config.asset)):
-        raise UptoRefusal("asset_mismatch", f"token {payment.token} is not {config.asset}")
+        raise Refusal("asset_mismatch", f"token {payment.token} is not {config.asset}")
     if not same(payment.spender, UPTO_PROXY):
-        raise UptoRefusal("invalid_spender", f"spender {payment.spender} is not the upto proxy {UPTO_PROXY}")
+        raise Refusal("invalid_spender", f"spender {payment.spender} is not the upto proxy {UPTO_PROXY}")
     if not same(payment.to, config.payee):
-        raise UptoRefusal("recipient_mismatch", f"witness.to {payment.to} is not the payee {config.payee}")
+        raise Refusal("recipient_mismatch", f"witness.to {payment.to} is not the payee {config.payee}")
     if not same(payment.facilitator, config.facilitator_address):
-        raise UptoRefusal("facilitator_mismatch", f"witness.facilitator {payment.facilitator} is not this facilitator")
+        raise Refusal("facilitator_mismatch", f"witness.facilitator {payment.facilitator} is not this facilitator")
     if payment.ceiling < ceiling:
-        raise UptoRefusal("underpaid", f"ceiling {payment.ceiling} is below the offer's {ceiling}")
+        raise Refusal("underpaid", f"ceiling {payment.ceiling} is below the offer's {ceiling}")
     if payment.ceiling != ceiling:
-        raise UptoRefusal("amount_mismatch", f"ceiling {payment.ceiling} is not the offer's {ceiling}")
+        raise Refusal("amount_mismatch", f"ceiling {payment.ceiling} is not the offer's {ceiling}")
     if now < payment.valid_after:
-        raise UptoRefusal("not_yet_valid", f"validAfter {payment.valid_after} is in the future (now {now})")
+        raise Refusal("not_yet_valid", f"validAfter {payment.valid_after} is in the future (now {now})")
     if now >= payment.deadline:
-        raise UptoRefusal("expired", f"deadline {payment.deadline} has passed (now {now})")
+        raise Refusal("expired", f"deadline {payment.deadline} has passed (now {now})")
     if payment.deadline > now + config.max_timeout_seconds + VALIDITY_SLACK_SECONDS:
-        raise UptoRefusal(
+        raise Refusal(
             "validity_too_long",
             f"deadline {payment.deadline} is more than maxTimeoutSeconds={config.max_timeout_seconds} away",
         )
     signer = recover_upto_signer(config.chain_id, payment)
     if signer is None or not same(signer, payment.payer):
-        raise UptoRefusal("invalid_signature", "the signature does not recover to permit2Authorization.from")
+        raise Refusal("invalid_signature", "the signature does not recover to permit2Authorization.from")
