@@ -18,6 +18,11 @@ from .config import SandboxConfig
 START_TIMEOUT_SECONDS = 10.0
 
 
+KEEP_ALIVE_SECONDS = 75
+"""How long an idle connection stays open: longer than clients keep pooled ones (httpx: 5 s), so the server never
+closes a connection just as a client sends a request on it (a POST would then fail without a retry)."""
+
+
 def _bind(host: str, port: int) -> socket.socket:
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
     # response (headers and body are two writes) waits ~40 ms for a delayed ACK.
@@ -78,7 +83,7 @@ class SandboxServer:
             http="h11",
             loop="asyncio",
             timeout_graceful_shutdown=1,
-            timeout_keep_alive=5,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llm402-sandbox", daemon=True)
@@ -150,7 +155,16 @@ def serve(
     stream = out or sys.stdout
     stream.write(banner(f"http://{shown}:{bound}", cfg))
     stream.flush()
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="info", ws="none", http="h11", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(cfg),
+            log_level="info",
+            ws="none",
+            http="h11",
+            lifespan="on",
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        )
+    )
     try:
         server.run(sockets=[sock])
     finally:
