@@ -1,5 +1,5 @@
-"""Fixtures for the ledger contract: a real ``redis-server`` on a free loopback port, a settable clock, and one
-ledger per backend (memory, a SQLite file, a Redis namespace)."""
+"""Fixtures for the ledger contract: a real Redis-compatible server on a free loopback port (``redis_server``, from
+tests/conftest.py), a settable clock, and one ledger per backend (memory, a SQLite file, a Redis namespace)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def url_for(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str
     if backend == "memory":
         return "memory://"
     if backend == "sqlite":
-        return f"sqlite:///{tmp_path}/ledgers/ledger.db"
+        folder = tmp_path / "ledgers"  # a ledger's folder must exist: llm402 creates only ~/.llm402
+        folder.mkdir(exist_ok=True)
+        return f"sqlite:///{folder}/ledger.db"
     server = request.getfixturevalue("redis_server")
     return f"{server}?namespace=test-{uuid.uuid4().hex[:12]}"
 

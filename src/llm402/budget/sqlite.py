@@ -38,6 +38,7 @@ from .base import (
     receipt_to_json,
 )
 from .memory import DANGLING, EXPOSED, HELD
+from .urls import DEFAULT_LEDGER_DIR, default_ledger_dir
 
 SCHEMA_VERSION = 1
 MEMORY = ":memory:"
@@ -150,7 +151,8 @@ class SqliteLedger:
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> SqliteLedger:
-        """Open the file a ``sqlite:///`` URL names (its directory is created, private to the user)."""
+        """Open the file a ``sqlite:///`` URL names. Its folder must exist, except the default ``~/.llm402``,
+        which is created private to the user."""
         return cls(path_from_url(url), clock=clock)
 
     def __repr__(self) -> str:
@@ -383,8 +385,25 @@ class SqliteLedger:
 
 
 def _prepare_file(path: Path) -> None:
-    """Create the ledger's directory private to the user (0700) and the file itself readable by the user only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the file readable by the user only (0600) in a folder that exists. The one folder created here is the
+    default ledger's ``~/.llm402`` (private to the user, 0700, and only when HOME exists): any other missing folder
+    is a mistyped URL (``sqlite:///relative/x.db`` names ``/relative/x.db``), so it is refused, not created."""
+    folder = path.parent
+    if not folder.is_dir():
+        if folder.exists():
+            raise ConfigurationError(f"the sqlite ledger's folder {folder} is not a folder")
+        if os.path.abspath(folder) != os.path.abspath(default_ledger_dir()):
+            raise ConfigurationError(
+                f"the sqlite ledger's folder {folder} does not exist: create it first (llm402 creates only "
+                f"{DEFAULT_LEDGER_DIR}, the default ledger's folder; sqlite:///a/b.db names /a/b.db)"
+            )
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except FileNotFoundError as exc:
+            raise ConfigurationError(
+                f"cannot create the default ledger folder {folder}: its parent {folder.parent} does not exist "
+                "(is HOME set?); set LLM402_LEDGER or pass ledger= to put the ledger elsewhere"
+            ) from exc
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)

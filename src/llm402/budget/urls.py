@@ -12,12 +12,19 @@ from .base import Ledger
 from .memory import MemoryLedger
 
 ENV_LEDGER = "LLM402_LEDGER"
+DEFAULT_LEDGER_DIR = "~/.llm402"
+"""The default ledger's folder: the only folder llm402 creates for a ledger (any other must exist)."""
+
+
+def default_ledger_dir() -> Path:
+    """``~/.llm402`` for the current HOME."""
+    return Path(DEFAULT_LEDGER_DIR).expanduser()
 
 
 def default_ledger_url(environ: dict[str, str] | None = None) -> str:
     """``LLM402_LEDGER`` or a SQLite file under ``~/.llm402/``."""
     env = os.environ if environ is None else environ
-    return env.get(ENV_LEDGER) or f"sqlite:///{Path('~/.llm402/ledger.db').expanduser()}"
+    return env.get(ENV_LEDGER) or f"sqlite:///{default_ledger_dir() / 'ledger.db'}"
 
 
 def open_ledger(url: str | None = None, *, clock: Callable[[], float] | None = None) -> Ledger:
