@@ -49,11 +49,25 @@ def topup_body(amount: int) -> bytes:
 
 def siwe_message(address: str, uri: str, chain_id: int, statement: str = SIWE_STATEMENT) -> str:
     """A fresh EIP-4361 message (new nonce, ``issuedAt`` now) for the endpoint ``uri``: the domain is its
-    host[:port] and the uri the endpoint itself, as the gateway presents them."""
+    host[:port] and the uri the endpoint itself, as the gateway presents them.
+
+    ``chain_id`` may come from a gateway's 402: it must be a positive integer. No text that goes into the message may
+    hold a control character or a line separator (`identity.control_character`); raises `ConfigurationError`.
+    """
     from urllib.parse import urlsplit
 
     from siwe import SiweMessage
 
+    from .identity import control_character
+
+    if isinstance(chain_id, bool) or not isinstance(chain_id, int) or chain_id <= 0:
+        raise ConfigurationError(f"a SIWE message needs a positive integer chain id, not {chain_id!r}")
+    for field, value in (("address", address), ("uri", uri), ("statement", statement)):
+        found = control_character(value)
+        if found is not None:
+            raise ConfigurationError(
+                f"refusing to sign a SIWE message: its {field} holds a control character ({found})"
+            )
     message = SiweMessage(
         domain=urlsplit(uri).netloc,
         address=address,

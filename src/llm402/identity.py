@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ SIWX_HEADER = "sign-in-with-x"  # x402's SIGN_IN_WITH_X extension key, also its 
 RPC_TIMEOUT_SECONDS = 10.0
 _EVM_CHAIN = re.compile(r"eip155:[0-9]+")
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+_LINE_SEPARATORS = frozenset("\u2028\u2029")
+_SIWX_TEXT = ("domain", "uri", "version", "nonce", "issuedAt", "statement", "expirationTime", "notBefore", "requestId")
 
 
 class IdentityError(ConfigurationError):
@@ -240,6 +243,31 @@ def identity_headers(identity: Identity | str | None, intent: str | None) -> dic
     return headers
 
 
+def control_character(text: str) -> str | None:
+    """The first character of ``text`` that must never reach a signed message, as ``U+XXXX``, else ``None``: a control
+    character (Unicode category Cc: C0, DEL, C1) or a line or paragraph separator (U+2028, U+2029). Any of them could
+    start a new line, or a new field, in the text a wallet signs."""
+    if text.isascii() and text.isprintable():
+        return None
+    for char in text:
+        if char in _LINE_SEPARATORS or unicodedata.category(char) == "Cc":
+            return f"U+{ord(char):04X}"
+    return None
+
+
+def _signed_text(field: str, value: object) -> str:
+    """``value`` of the challenge's ``field`` when it is text that can be signed; `IdentityError` otherwise."""
+    if not isinstance(value, str):
+        raise IdentityError(f"the gateway's sign-in-with-x challenge has a {field} that is not text")
+    found = control_character(value)
+    if found is not None:
+        raise IdentityError(
+            f"the gateway's sign-in-with-x challenge holds a control character ({found}) in {field}: "
+            "refusing to sign it"
+        )
+    return value
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
@@ -257,7 +285,9 @@ def siwx_headers(
     sign-in.
 
     ``request_url`` is the URL that answered the 402: a challenge whose domain or URI is another origin is refused
-    (`IdentityError`), so a gateway cannot make the wallet sign in somewhere else. ``network`` (CAIP-2) picks that
+    (`IdentityError`), so a gateway cannot make the wallet sign in somewhere else. So is a challenge with a control
+    character or a line separator in any field (`control_character`): a line break in a ``requestId`` or a
+    ``resources`` item would add lines, and fields, to the text the wallet signs. ``network`` (CAIP-2) picks that
     chain when several are offered. Built on the ``siwe`` package (the SDK's extension module needs ``jsonschema``
     just to import), and checked against the SDK's verifier in the tests.
     """
@@ -279,7 +309,15 @@ def siwx_headers(
     for required in ("domain", "uri", "nonce", "issuedAt"):
         if not isinstance(info.get(required), str) or not info[required]:
             raise IdentityError(f"the gateway's sign-in-with-x challenge has no {required}")
-    domain, uri = str(info["domain"]), str(info["uri"])
+    # Every field the gateway chose goes into the signed text: no control character or line break in any of them,
+    # checked before anything else reads them (the origin check below compares parsed URLs, which drop CR, LF, tab).
+    text = {name: _signed_text(name, info[name]) for name in _SIWX_TEXT if info.get(name) is not None}
+    resources = info.get("resources")
+    if resources is not None:
+        if not isinstance(resources, list):
+            raise IdentityError("the gateway's sign-in-with-x challenge has resources that are not a list")
+        resources = [_signed_text(f"resources[{i}]", item) for i, item in enumerate(resources)]
+    domain, uri = text["domain"], text["uri"]
     origin = _origin(request_url)
     if domain != urlsplit(request_url).netloc or _origin(uri) != origin:
         raise IdentityError(
@@ -289,15 +327,17 @@ def siwx_headers(
         "domain": domain,
         "address": signer.address,
         "uri": uri,
-        "version": str(info.get("version") or "1"),
+        "version": text.get("version") or "1",
         "chainId": chain_id,
         "type": "eip191",
-        "nonce": info["nonce"],
-        "issuedAt": info["issuedAt"],
+        "nonce": text["nonce"],
+        "issuedAt": text["issuedAt"],
     }
-    for name in ("statement", "expirationTime", "notBefore", "requestId", "resources"):
-        if info.get(name) is not None:
-            fields[name] = info[name]
+    for name in ("statement", "expirationTime", "notBefore", "requestId"):
+        if name in text:
+            fields[name] = text[name]
+    if resources is not None:
+        fields["resources"] = resources
 
     from siwe import SiweMessage
 
