@@ -10,8 +10,9 @@ The router is a transport above each gateway's paying transport: every attempt i
 
 Where each decision lives: `rules` (values: `RetryPolicy`, `FallbackRules`, `CircuitBreaker`; `RouteHealth` holds
 their per-route state), `routes` (`Route`, capability facts, what a request needs), `router` (`Router`: clients,
-ranking, catalog, router receipts), `plan` (one call without I/O: admit, judge each outcome, re-send or move on,
-the receipt), `transport` (the sync and async httpx drivers: send, peek at the first chunk, read failures).
+ranking, catalog, router receipts), `plan` (one call without I/O: admit, judge each outcome, the receipt), `flow`
+(the decisions in order, without I/O: try this route, re-send, move on, wait for the next pass, hand over, give up),
+`transport` (the sync and async httpx drivers of the flow: send, peek at the first chunk, read failures, sleep).
 """
 
 from __future__ import annotations

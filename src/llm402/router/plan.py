@@ -1,8 +1,9 @@
 """One logical call through the router, without I/O: which routes, in which order, what each outcome means.
 
-The sync and async router transports drive a `CallPlan` the way the payment transports drive the core's flow: they
-send, peek and read; the plan decides (answer, give the answer to the caller as it is, re-send the same payment, move
-on) and keeps the record every attempt leaves, which becomes the call's one router receipt.
+The `fallback_flow` (``flow``) walks the routes and asks the plan what each `Outcome` means (answer, give it to the
+caller as it is, re-send the same payment, move on); the plan keeps the record every attempt leaves, which becomes
+the call's one router receipt. Only llm402's own refusals count as refusals (`local_refusal`): a gateway's answer is
+judged as the gateway's, whatever its headers and body claim.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -76,6 +77,47 @@ class Failure:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+
+
+def is_answer(status: int) -> bool:
+    """A status whose response goes to the caller once its first chunk arrives (no fallback after that)."""
+    return 200 <= status < 300
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt came to, as a driver saw it: an exception, or a status with (for a failure) its headers and
+    the start of its body.
+
+    ``receipt``: the core's receipt for the attempt (``None`` for an answer: that one comes when its body ends).
+    ``local``: that receipt when the core had already finished the call as its paying transport returned, i.e. the
+    response is llm402's own local answer and not the gateway's (see `local_refusal`).
+    """
+
+    started: float  # the attempt's ``perf_counter`` when it was sent
+    latency_ms: float
+    status: int | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    error: BaseException | None = None
+    receipt: Receipt | None = None
+    local: Receipt | None = None
+
+    @property
+    def answered(self) -> bool:
+        """A 2xx whose first chunk arrived: it is handed over."""
+        return self.error is None and self.status is not None and is_answer(self.status)
+
+
+def local_refusal(headers: Mapping[str, str], local: Receipt | None) -> str | None:
+    """The code of a refusal llm402 itself made on this attempt, or ``None``.
+
+    The refusal header and envelope prove nothing: a gateway can send both. What a gateway cannot forge is the core's
+    own record: a local answer is finished (its receipt published) before the paying transport returns it, while a
+    gateway's response is finished only when its body has been read, and recorded as ``http_<status>``. So a refusal
+    counts as llm402's only when the receipt of a call finished before its response came back names it."""
+    code = headers.get(REFUSAL_HEADER)
+    return code if code is not None and local is not None and local.error == code else None
 
 
 def _paid(receipt: Receipt | None) -> bool:
@@ -203,24 +245,13 @@ class CallPlan:
         return built
 
     # --- what an attempt means -----------------------------------------------------------------------------------
-    def judge(
-        self,
-        index: int,
-        admission: Admission | None,
-        *,
-        receipt: Receipt | None,
-        latency_ms: float,
-        status: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        body: bytes = b"",
-        error: BaseException | None = None,
-        resend: bool = False,
-    ) -> Judgement:
+    def judge(self, index: int, admission: Admission | None, outcome: Outcome, *, resend: bool = False) -> Judgement:
         """Decide what a failed or refused attempt means, and record it (attempt, route health, what is left)."""
-        headers = headers or {}
-        paid = _paid(receipt)
+        headers, body, error = outcome.headers, outcome.body, outcome.error
+        paid = _paid(outcome.receipt)
         self.paid = self.paid or paid
-        judgement = self._classify(status, headers, body, error, paid, resend)
+        refusal = local_refusal(headers, outcome.local)
+        judgement = self._classify(outcome.status, headers, body, error, refusal, paid, resend)
         if admission is not None:
             self.router.health[index].record(judgement.health, admission)
         wait = judgement.retry_after
@@ -232,13 +263,13 @@ class CallPlan:
                 self._hints.append(wait)
         if not judgement.stays:
             self._out.add(index)
-        if headers.get(REFUSAL_HEADER) == "budget_exceeded":
+        if refusal == "budget_exceeded":
             self._block(index, body)
         if judgement.verdict is not Verdict.FINAL:
-            self._last = error if error is not None else Failure(status or 502, _passed_back(headers), body)
-        self._record(index, receipt, status, judgement.error, latency_ms, resend=resend)
-        if receipt is not None:
-            self._last_receipt = receipt
+            self._last = error if error is not None else Failure(outcome.status or 502, passed_back(headers), body)
+        self._record(index, outcome.receipt, outcome.status, judgement.error, outcome.latency_ms, resend=resend)
+        if outcome.receipt is not None:
+            self._last_receipt = outcome.receipt
         return judgement
 
     def _classify(
@@ -247,6 +278,7 @@ class CallPlan:
         headers: Mapping[str, str],
         body: bytes,
         error: BaseException | None,
+        refusal: str | None,
         paid: bool,
         resend: bool,
     ) -> Judgement:
@@ -257,7 +289,6 @@ class CallPlan:
                 return Judgement(Verdict.RESEND, name, "failure")
             return Judgement(Verdict.NEXT, name, "failure", stays=not paid and not resend)
         assert status is not None
-        refusal = headers.get(REFUSAL_HEADER)
         if refusal is not None:  # llm402's own refusal: no traffic, or a payment problem on this route
             if rules.falls_back_on_refusal(refusal):
                 return Judgement(Verdict.NEXT, refusal, "neutral")
@@ -416,7 +447,8 @@ class CallPlan:
         return out
 
 
-def _passed_back(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+def passed_back(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A response's headers as pairs, repeats kept (to give them back as they came)."""
     items = headers.multi_items() if hasattr(headers, "multi_items") else headers.items()
     return tuple((str(k), str(v)) for k, v in items)
 

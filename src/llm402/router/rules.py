@@ -127,12 +127,14 @@ class FallbackRules:
     ``unknown_model``: a 404, or a 400 saying the model does not exist. The router names each route's model, so
     a model a gateway does not offer is the route's fault, not the caller's.
     ``unpaid_402``: a gateway 402 the core did not pay (not an x402 challenge, e.g. an API key out of credit).
-    ``refusals``: llm402's local refusals (``x-llm402-refusal`` codes) that fall back; ``None`` = all of them. A refusal
-    never left the machine, and the next route's own policy and budget are checked again before any traffic, so
-    falling back on one cannot spend what the refusal protected. ``budget_exceeded`` is narrowed further by the
-    router: a cap refusal is the same on another route only when that route books into the same ledger, under the
-    same cap, for the same agent (any agent, for the global cap), and would reserve at least as much; those routes
-    are skipped without a try, and the others (their own ledger or agent, or cheaper) are tried.
+    ``refusals``: llm402's local refusals (``x-llm402-refusal`` codes) that fall back; ``None`` = all of them. Only a
+    refusal llm402 made counts: a gateway's answer carrying that header or envelope is judged as the gateway's (its
+    402 falls under ``unpaid_402``, its 5xx under ``statuses``). A refusal never left the machine, and the next
+    route's own policy and budget are checked again before any traffic, so falling back on one cannot spend what the
+    refusal protected. ``budget_exceeded`` is narrowed further by the router: a cap refusal is the same on another
+    route only when that route books into the same ledger, under the same cap, for the same agent (any agent, for the
+    global cap), and would reserve at least as much; those routes are skipped without a try, and the others (their own
+    ledger or agent, or cheaper) are tried.
     Anything else (400, 401, 404, ...) is the request's fault, is the same on every route, and goes to the caller.
     """
 

@@ -1,31 +1,29 @@
 """The router's httpx transports: one logical call, many routes, each through its gateway's `PaymentTransport`.
 
 They sit *above* the paying transports, so every attempt is a complete, paid, metered, receipted call of the core,
-and below the client, so the OpenAI SDK, LangChain and LlamaIndex use them unchanged. The sync and async twins differ
-only in ``await``; what to do with each outcome is decided by the `CallPlan`.
+and below the client, so the OpenAI SDK, LangChain and LlamaIndex use them unchanged. They are drivers of the
+`fallback_flow`: they send, peek at a first chunk, read a failure and sleep when it says so; every decision is the
+flow's. The sync and async twins differ only in ``await``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 
 from ..receipts import Receipt
-from .plan import ROUTE_HEADER, CallPlan, Failure, RoutesFailed, Verdict
-from .rules import Admission, wait_retry_after
+from .flow import GiveBack, HandOver, Reraise, Try, Wait, fallback_flow
+from .plan import ROUTE_HEADER, CallPlan, Outcome, is_answer
 
 if TYPE_CHECKING:
     from .router import Router
 
-log = logging.getLogger("llm402.router")
 MAX_ERROR_BODY = 64 * 1024
 """How much of a failed attempt's body is read (to judge it, and to give it back if no route answers)."""
 
@@ -49,11 +47,16 @@ class AttemptReceipts:
         if self._open:
             self._receipts.append(receipt)
 
-    def close(self) -> Receipt | None:
-        """Stop collecting; the attempt's call receipt (a credit top-up inside the call has its own)."""
-        self._open = False
+    def finished(self) -> Receipt | None:
+        """The attempt's call receipt if the core has finished the call already (a credit top-up inside the call has
+        its own receipt, left out); the box stays open."""
         calls = [r for r in self._receipts if r.payment is None or r.payment.kind != "topup"]
         return calls[-1] if calls else None
+
+    def close(self) -> Receipt | None:
+        """Stop collecting; the attempt's call receipt."""
+        self._open = False
+        return self.finished()
 
 
 _attempt: contextvars.ContextVar[AttemptReceipts | None] = contextvars.ContextVar("llm402_router_attempt", default=None)
@@ -76,23 +79,8 @@ def _since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def _retryable(error: BaseException) -> bool:
-    return isinstance(error, RoutesFailed) and error.retryable
-
-
-def _log_wait(state: RetryCallState) -> None:
-    wait = state.next_action.sleep if state.next_action is not None else 0.0
-    log.info("llm402 router: no route answered (pass %d); next pass in %.2fs", state.attempt_number, wait)
-
-
-def _retrying_args(router: Router) -> dict[str, Any]:
-    return {
-        "stop": router.retry.stop,
-        "wait": wait_retry_after(router.retry.wait),
-        "retry": retry_if_exception(_retryable),
-        "before_sleep": _log_wait,
-        "reraise": True,
-    }
+def _plan(router: Router, request: httpx.Request, body: bytes) -> CallPlan:
+    return CallPlan(router, request.method, str(request.url), request.headers.multi_items(), body)
 
 
 def _wire(request: httpx.Request, plan: CallPlan, index: int) -> httpx.Request:
@@ -102,40 +90,47 @@ def _wire(request: httpx.Request, plan: CallPlan, index: int) -> httpx.Request:
     )
 
 
-def _given_up(plan: CallPlan, request: httpx.Request) -> httpx.Response:
-    """No route answered: the last failure as it came (with ``x-should-retry: false``), or the router's own 502/503.
-    The caller of `give_up` re-raises a last exception instead when no payment went out."""
-    last = plan.last_failure
-    if isinstance(last, Failure):
-        return httpx.Response(
-            last.status, headers=plan.final_headers(last.headers, None), content=last.body, request=request
-        )
-    reasons = sorted({str(a["error"]) for a in plan.attempts if a.get("error")})
-    tried = any(not a.get("skipped") for a in plan.attempts)
-    body = {
-        "error": {
-            "code": "no_route_available",
-            "type": "llm402_router",
-            "message": "no route answered: " + (", ".join(reasons) or "no route fits the request"),
-            "routes": [a["route"] for a in plan.attempts],
-        }
-    }
-    return httpx.Response(
-        502 if tried else 503,
-        headers=[("content-type", "application/json"), ("x-should-retry", "false")],
-        content=json.dumps(body).encode(),
-        request=request,
-    )
+def _failed(started: float, box: AttemptReceipts, **fields: Any) -> Outcome:
+    """The outcome of an attempt that ended without an answer (its receipt is in: the response is closed)."""
+    return Outcome(started, _since(started), receipt=box.close(), **fields)
 
 
-def _delivered(
-    plan: CallPlan, index: int, response: httpx.Response, stream: Any, request: httpx.Request
+@dataclass(frozen=True, slots=True)
+class _Peeked:
+    """A 2xx tried on a route, its first chunk read: what a `HandOver` hands over."""
+
+    response: httpx.Response
+    first: bytes
+    rest: Any  # the rest of the body: an iterator (sync) or an async iterator
+    box: AttemptReceipts
+
+
+def _hand_over(
+    router: Router, plan: CallPlan, action: HandOver, peeked: _Peeked | None, stream_type: Any, request: httpx.Request
 ) -> httpx.Response:
+    """The answering route's response, its body unbuffered; its end publishes the router receipt, right after the
+    core has published the attempt's."""
+    if peeked is None:
+        raise RuntimeError("llm402 router: a hand-over without a response")
+
+    def done() -> None:
+        router.publish(plan.finish(action.index, peeked.box.close(), resend=action.resend))
+
+    response = peeked.response
     headers = httpx.Headers(response.headers)
-    headers[ROUTE_HEADER] = plan.router.routes[index].name
+    headers[ROUTE_HEADER] = router.routes[action.index].name
+    stream = stream_type(peeked.first, peeked.rest, response.stream, done)
     return httpx.Response(
         response.status_code, headers=headers, stream=stream, extensions=response.extensions, request=request
     )
+
+
+def _conclude(router: Router, action: GiveBack | Reraise, request: httpx.Request) -> httpx.Response:
+    """The router's last word: publish the router receipt, then answer or raise."""
+    router.publish(action.receipt)
+    if isinstance(action, Reraise):
+        raise action.error
+    return httpx.Response(action.status, headers=list(action.headers), content=action.body, request=request)
 
 
 # --- sync ------------------------------------------------------------------------------------------------------
@@ -213,91 +208,39 @@ class RouterTransport(httpx.BaseTransport):
         body = request.read()
         if self.router.wants_catalog(body):
             self.router.ensure_catalog()
-        plan = CallPlan(self.router, request.method, str(request.url), request.headers.multi_items(), body)
-        try:
-            for attempt in Retrying(sleep=self.router.sleep, **_retrying_args(self.router)):
-                with attempt:
-                    return self._pass(plan, request)
-        except RoutesFailed:
-            pass
-        return self._give_up(plan, request)
+        plan = _plan(self.router, request, body)
+        flow = fallback_flow(plan)
+        action = next(flow)
+        peeked: _Peeked | None = None
+        while isinstance(action, Try | Wait):
+            if isinstance(action, Wait):
+                self.router.sleep(action.seconds)
+                action = flow.send(None)
+            else:
+                outcome, peeked = self._try(plan, action, request)
+                action = flow.send(outcome)
+        if isinstance(action, HandOver):
+            return _hand_over(self.router, plan, action, peeked, _RoutedStream, request)
+        return _conclude(self.router, action, request)
 
-    def _give_up(self, plan: CallPlan, request: httpx.Request) -> httpx.Response:
-        self.router.publish(plan.finish(None, None))
-        last = plan.last_failure
-        if isinstance(last, BaseException) and not plan.paid:
-            raise last
-        return _given_up(plan, request)
-
-    def _pass(self, plan: CallPlan, request: httpx.Request) -> httpx.Response:
-        for index in plan.candidates():
-            admission = plan.admit(index)
-            if admission is None:
-                continue
-            response = self._attempt(plan, index, admission, request)
-            if response is not None:
-                return response
-        raise plan.pass_failed()
-
-    def _attempt(
-        self, plan: CallPlan, index: int, admission: Admission | None, request: httpx.Request, resend: bool = False
-    ) -> httpx.Response | None:
+    def _try(self, plan: CallPlan, action: Try, request: httpx.Request) -> tuple[Outcome, _Peeked | None]:
         box = _open_attempt()
         started = time.perf_counter()
         try:
-            response = self._transports[index].handle_request(_wire(request, plan, index))
+            response = self._transports[action.index].handle_request(_wire(request, plan, action.index))
         except httpx.TransportError as exc:
-            judged = plan.judge(
-                index, admission, receipt=box.close(), latency_ms=_since(started), error=exc, resend=resend
-            )
-        else:
-            status = response.status_code
-            if 200 <= status < 300:
-                try:
-                    first, rest = _peek(response)
-                except httpx.TransportError as exc:
-                    response.close()
-                    judged = plan.judge(
-                        index,
-                        admission,
-                        receipt=box.close(),
-                        latency_ms=_since(started),
-                        status=status,
-                        error=exc,
-                        resend=resend,
-                    )
-                else:
-                    plan.answered(index, admission, started)
-
-                    def done() -> None:
-                        self.router.publish(plan.finish(index, box.close(), resend=resend))
-
-                    stream = _RoutedStream(first, rest, response.stream, done)
-                    return _delivered(plan, index, response, stream, request)
-            else:
-                content = _read(response)  # closing it ends the core's flow: its receipt is published
-                judged_receipt = box.close()
-                judged = plan.judge(
-                    index,
-                    admission,
-                    receipt=judged_receipt,
-                    latency_ms=_since(started),
-                    status=status,
-                    headers=response.headers,
-                    body=content,
-                    resend=resend,
-                )
-                if judged.verdict is Verdict.FINAL:
-                    self.router.publish(plan.finish(index, judged_receipt, recorded=True))
-                    headers = plan.final_headers(tuple(response.headers.multi_items()), index)
-                    return httpx.Response(status, headers=headers, content=content, request=request)
-        if judged.verdict is Verdict.RESEND:
-            log.info(
-                "llm402 router: the answer after a payment on %s was lost; re-sending the same payment once",
-                plan.router.routes[index].name,
-            )
-            return self._attempt(plan, index, None, request, resend=True)
-        return None
+            return _failed(started, box, error=exc), None
+        local = box.finished()  # the core finished the call before any body was read: it answered locally
+        status = response.status_code
+        if not is_answer(status):
+            content = _read(response)  # closing it ends the core's flow: its receipt is published
+            return _failed(started, box, status=status, headers=response.headers, body=content, local=local), None
+        try:
+            first, rest = _peek(response)
+        except httpx.TransportError as exc:
+            response.close()
+            return _failed(started, box, status=status, error=exc), None
+        return Outcome(started, _since(started), status), _Peeked(response, first, rest, box)
 
     def close(self) -> None:
         for transport in {id(t): t for t in self._transports}.values():
@@ -379,91 +322,39 @@ class AsyncRouterTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         if self.router.wants_catalog(body):
             await asyncio.to_thread(self.router.ensure_catalog)
-        plan = CallPlan(self.router, request.method, str(request.url), request.headers.multi_items(), body)
-        try:
-            async for attempt in AsyncRetrying(sleep=self.router.async_sleep, **_retrying_args(self.router)):
-                with attempt:
-                    return await self._pass(plan, request)
-        except RoutesFailed:
-            pass
-        return self._give_up(plan, request)
+        plan = _plan(self.router, request, body)
+        flow = fallback_flow(plan)
+        action = next(flow)
+        peeked: _Peeked | None = None
+        while isinstance(action, Try | Wait):
+            if isinstance(action, Wait):
+                await self.router.async_sleep(action.seconds)
+                action = flow.send(None)
+            else:
+                outcome, peeked = await self._try(plan, action, request)
+                action = flow.send(outcome)
+        if isinstance(action, HandOver):
+            return _hand_over(self.router, plan, action, peeked, _AsyncRoutedStream, request)
+        return _conclude(self.router, action, request)
 
-    def _give_up(self, plan: CallPlan, request: httpx.Request) -> httpx.Response:
-        self.router.publish(plan.finish(None, None))
-        last = plan.last_failure
-        if isinstance(last, BaseException) and not plan.paid:
-            raise last
-        return _given_up(plan, request)
-
-    async def _pass(self, plan: CallPlan, request: httpx.Request) -> httpx.Response:
-        for index in plan.candidates():
-            admission = plan.admit(index)
-            if admission is None:
-                continue
-            response = await self._attempt(plan, index, admission, request)
-            if response is not None:
-                return response
-        raise plan.pass_failed()
-
-    async def _attempt(
-        self, plan: CallPlan, index: int, admission: Admission | None, request: httpx.Request, resend: bool = False
-    ) -> httpx.Response | None:
+    async def _try(self, plan: CallPlan, action: Try, request: httpx.Request) -> tuple[Outcome, _Peeked | None]:
         box = _open_attempt()
         started = time.perf_counter()
         try:
-            response = await self._transports[index].handle_async_request(_wire(request, plan, index))
+            response = await self._transports[action.index].handle_async_request(_wire(request, plan, action.index))
         except httpx.TransportError as exc:
-            judged = plan.judge(
-                index, admission, receipt=box.close(), latency_ms=_since(started), error=exc, resend=resend
-            )
-        else:
-            status = response.status_code
-            if 200 <= status < 300:
-                try:
-                    first, rest = await _apeek(response)
-                except httpx.TransportError as exc:
-                    await response.aclose()
-                    judged = plan.judge(
-                        index,
-                        admission,
-                        receipt=box.close(),
-                        latency_ms=_since(started),
-                        status=status,
-                        error=exc,
-                        resend=resend,
-                    )
-                else:
-                    plan.answered(index, admission, started)
-
-                    def done() -> None:
-                        self.router.publish(plan.finish(index, box.close(), resend=resend))
-
-                    stream = _AsyncRoutedStream(first, rest, response.stream, done)
-                    return _delivered(plan, index, response, stream, request)
-            else:
-                content = await _aread(response)
-                judged_receipt = box.close()
-                judged = plan.judge(
-                    index,
-                    admission,
-                    receipt=judged_receipt,
-                    latency_ms=_since(started),
-                    status=status,
-                    headers=response.headers,
-                    body=content,
-                    resend=resend,
-                )
-                if judged.verdict is Verdict.FINAL:
-                    self.router.publish(plan.finish(index, judged_receipt, recorded=True))
-                    headers = plan.final_headers(tuple(response.headers.multi_items()), index)
-                    return httpx.Response(status, headers=headers, content=content, request=request)
-        if judged.verdict is Verdict.RESEND:
-            log.info(
-                "llm402 router: the answer after a payment on %s was lost; re-sending the same payment once",
-                plan.router.routes[index].name,
-            )
-            return await self._attempt(plan, index, None, request, resend=True)
-        return None
+            return _failed(started, box, error=exc), None
+        local = box.finished()
+        status = response.status_code
+        if not is_answer(status):
+            content = await _aread(response)
+            return _failed(started, box, status=status, headers=response.headers, body=content, local=local), None
+        try:
+            first, rest = await _apeek(response)
+        except httpx.TransportError as exc:
+            await response.aclose()
+            return _failed(started, box, status=status, error=exc), None
+        return Outcome(started, _since(started), status), _Peeked(response, first, rest, box)
 
     async def aclose(self) -> None:
         for transport in {id(t): t for t in self._transports}.values():
