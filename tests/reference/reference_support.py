@@ -127,7 +127,7 @@ class ForgedSigner:
 # --- the Node peer --------------------------------------------------------------------------------------------------
 
 
-def _require(tool: str) -> str:
+def require_tool(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
         pytest.fail(
@@ -140,7 +140,7 @@ def _require(tool: str) -> str:
 def install_node_modules() -> float:
     """``npm ci`` into tests/reference/node/node_modules from the committed lock file, unless it is already there.
     Returns the seconds it took (0 when nothing was installed)."""
-    node, npm = _require("node"), _require("npm")
+    node, npm = require_tool("node"), require_tool("npm")
     version = subprocess.run([node, "--version"], capture_output=True, text=True, check=False).stdout.strip()
     if not version.startswith("v") or int(version[1:].split(".")[0]) < 20:
         pytest.fail(f"the @x402/express reference tests need Node.js 20 or later, found {version or 'nothing'}")
@@ -172,7 +172,7 @@ class NodePeer:
         self.log_path = log_path
         self._log = log_path.open("w")
         self._proc = subprocess.Popen(
-            [_require("node"), "server.mjs", str(self.port)],
+            [require_tool("node"), "server.mjs", str(self.port)],
             cwd=NODE_DIR,
             stdout=self._log,
             stderr=subprocess.STDOUT,
