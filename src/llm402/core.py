@@ -25,16 +25,21 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from .approval import Approval, PaymentProposal, external_payment
-from .budget.base import DEFAULT_RESERVATION_TTL, Caps, Hold
-from .credit import CreditProfile, siwe_message, topup_amount, topup_body
+from .budget.base import DEFAULT_RESERVATION_TTL, Caps, Hold, topup_agent
+from .credit import CreditProfile, siwe_message, topup_amount, topup_body, validate_api_key
 from .errors import (
     REFUSAL_HEADER,
     ApiKeyRejected,
+    BudgetExceeded,
     InsecureGateway,
+    InsufficientBalance,
+    PaidAnswerLost,
     PaymentOutcomeUnknown,
     PaymentRejected,
     PaymentRequiredError,
     PolicyRefusal,
+    PriceUnknown,
+    ReservationHeld,
 )
 from .metering import Usage
 from .money import atomic_to_usd, format_usd, usd_to_atomic
@@ -53,7 +58,12 @@ from .x402 import (
 
 log = logging.getLogger("llm402")
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):(?:generateContent|streamGenerateContent)$")
-REUSE_MARGIN_SECONDS = 5.0
+LEASE_SECONDS = 120.0
+"""How long a key mint or top-up may hold its single-flight reservation before a crash is assumed."""
+LEASE_WAIT_SECONDS = 60.0
+"""How long a call waits for another call's key mint or top-up."""
+HEAD_TIMEOUT_SECONDS = 600.0
+"""How long an answer's head may take (the OpenAI SDK's default read timeout): part of a reservation's life."""
 _MICRO = Decimal("0.000001")
 SIGN_IN_WITH_X = "sign-in-with-x"  # x402's extension key (and header name) for proving who pays
 TESTNET_CHAIN_IDS = frozenset({84532, 11155111, 421614, 11155420, 80002, 43113, 97, 4002, 1337, 31337})
@@ -142,7 +152,7 @@ class SignMessage:
 
 @dataclass(frozen=True, slots=True)
 class StoreKey:
-    """Keep a freshly minted API key where the user said."""
+    """Use a freshly minted API key from now on and keep it where the user said."""
 
     key: str
 
@@ -177,6 +187,32 @@ class Record:
     """Store and publish a receipt that reserved nothing (a top-up)."""
 
     receipt: Receipt
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitRelease:
+    """Wait until the reservation ``call_id`` (another call's key mint or top-up) is gone; the result is ``True``, or
+    ``False`` after ``timeout`` seconds."""
+
+    call_id: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give up a single-flight reservation that moved no money."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentKey:
+    """The credit gateway's API key in use (minted earlier, here or by another process); the result: ``str | None``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPrices:
+    """Load the gateway's published prices into the config's catalog (cached; refreshed on a schedule)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +270,10 @@ Effect = (
     | Remaining
     | Record
     | SignIn
+    | AwaitRelease
+    | Release
+    | CurrentKey
+    | LoadPrices
 )
 
 
@@ -251,6 +291,10 @@ class CallRequest:
     model: str | None
     streaming: bool
     fingerprint: str
+    credential: str = ""
+    """A digest of the caller's own credentials (its ``authorization``), so cached answers are never shared."""
+    pay_again: bool = False
+    """The caller asked to pay again for an identical request (``llm402-pay-again``)."""
 
     @property
     def origin(self) -> str:
@@ -264,8 +308,17 @@ class CallRequest:
         return urlsplit(self.url).path
 
 
-def describe_request(method: str, url: str, content_type: str | None, body: bytes) -> CallRequest:
-    """Read what the flow needs from a request: its JSON, model and whether it streams."""
+def describe_request(
+    method: str,
+    url: str,
+    content_type: str | None,
+    body: bytes,
+    authorization: str | None = None,
+    pay_again: bool = False,
+) -> CallRequest:
+    """Read what the flow needs from a request: its JSON, model, whether it streams, and who asks.
+
+    Its fingerprint (method, URL and body) is what makes a retry "the same request"."""
     data: Mapping[str, Any] | None = None
     if body and (content_type is None or "json" in content_type):
         try:
@@ -280,7 +333,8 @@ def describe_request(method: str, url: str, content_type: str | None, body: byte
         model = match.group(1) if match else None
     streaming = bool(data and data.get("stream") is True) or path.endswith(":streamGenerateContent")
     digest = hashlib.sha256(method.encode() + b" " + url.encode() + b"\n" + body).hexdigest()
-    return CallRequest(method, url, body, data, model, streaming, digest)
+    credential = hashlib.sha256(authorization.encode()).hexdigest() if authorization else ""
+    return CallRequest(method, url, body, data, model, streaming, digest, credential, pay_again)
 
 
 def with_usage_requested(call: CallRequest) -> tuple[bytes, bool]:
@@ -298,47 +352,68 @@ def with_usage_requested(call: CallRequest) -> tuple[bytes, bool]:
     return json.dumps(merged, separators=(",", ":")).encode(), True
 
 
-# --- payments whose outcome is unknown ------------------------------------------------------------------------
+# --- payments that may have settled -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class OutstandingPayment:
+    """A signed authorization for one request fingerprint, kept while it can still settle."""
+
+    payment: SignedPayment
+    call_id: str
+    """The call that signed it (its receipt counts it)."""
+    resendable: bool = False
+    """The paid attempt ended without a usable answer: a retry re-sends this payment."""
+    transaction: str | None = None
+    """Set once a gateway showed that it settled (the answer it paid for was lost)."""
 
 
 class PaymentMemory:
-    """Signed payments by request fingerprint. A retry of a call whose paid attempt failed without a clear answer
-    re-sends the same authorization (its nonce makes a second settlement impossible); it never signs another."""
+    """Signed payments by request fingerprint. Once a paid attempt ends without its answer (an error, a 5xx, a 402,
+    a redirect), every retry of the same request re-sends the same authorization until it expires: its nonce makes a
+    second settlement impossible, and llm402 never signs another while this one can settle."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[SignedPayment, bool]] = {}
+        self._entries: dict[str, OutstandingPayment] = {}
 
-    def remember(self, fingerprint: str, payment: SignedPayment) -> None:
+    def remember(self, fingerprint: str, payment: SignedPayment, call_id: str, now: float) -> None:
         """A payment was signed for this request (outcome pending)."""
         with self._lock:
-            now = time.time()
-            for key in [k for k, (p, _) in self._entries.items() if p.valid_before < now]:
+            for key in [k for k, e in self._entries.items() if e.payment.valid_before < now]:
                 del self._entries[key]
-            self._entries[fingerprint] = (payment, False)
+            self._entries[fingerprint] = OutstandingPayment(payment, call_id)
 
     def mark_unknown(self, fingerprint: str) -> None:
-        """The paid attempt ended without a usable answer: a retry may re-send this payment."""
+        """The paid attempt ended without a usable answer: a retry re-sends this payment."""
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is not None:
-                self._entries[fingerprint] = (entry[0], True)
+                entry.resendable = True
+
+    def mark_settled(self, fingerprint: str, transaction: str | None) -> None:
+        """A gateway showed that the payment settled; its answer was lost."""
+        with self._lock:
+            entry = self._entries.get(fingerprint)
+            if entry is not None:
+                entry.resendable = True
+                entry.transaction = entry.transaction or transaction
 
     def forget(self, fingerprint: str) -> None:
-        """The paid attempt got its answer (or a definite refusal)."""
+        """The paid attempt got its answer."""
         with self._lock:
             self._entries.pop(fingerprint, None)
 
-    def reusable(self, fingerprint: str, now: float) -> SignedPayment | None:
-        """The payment to re-send for a retry, if one is outstanding and still valid."""
+    def reusable(self, fingerprint: str, now: float) -> OutstandingPayment | None:
+        """The payment a retry must re-send, while it is resendable and can still settle."""
         with self._lock:
             entry = self._entries.get(fingerprint)
-            if entry is None or not entry[1]:
+            if entry is None or not entry.resendable:
                 return None
-            if entry[0].valid_before - REUSE_MARGIN_SECONDS <= now:
+            if entry.payment.valid_before <= now:
                 del self._entries[fingerprint]
                 return None
-            return entry[0]
+            return entry
 
 
 class QuoteMemory:
@@ -411,18 +486,18 @@ class ResponseCache:
             return True
         return data.get("temperature") == 0 or data.get("seed") is not None
 
-    def get(self, call: CallRequest) -> CachedAnswer | None:
-        """The cached answer to this exact request."""
+    def get(self, key: str) -> CachedAnswer | None:
+        """The cached answer kept under ``key``."""
         with self._lock:
-            hit = self._entries.get(call.fingerprint)
+            hit = self._entries.get(key)
             if hit is not None:
-                self._entries.move_to_end(call.fingerprint)
+                self._entries.move_to_end(key)
             return hit
 
-    def put(self, call: CallRequest, answer: CachedAnswer) -> None:
+    def put(self, key: str, answer: CachedAnswer) -> None:
         """Keep an answer."""
         with self._lock:
-            self._entries[call.fingerprint] = answer
+            self._entries[key] = answer
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
 
@@ -449,8 +524,15 @@ class FlowConfig:
     base_url: str = ""
     payer: str | None = None
     credit: CreditProfile | None = None
-    api_key: str | None = field(default=None, repr=False)  # a minted key: a secret
+    api_key: str | None = field(default=None, repr=False)
+    """A minted key in use: a secret, set by the engine (never by a flow)."""
     mint_keys: bool = False
+    metered: bool = False
+    """Calls are paid by key or credit and counted from usage and prices (plain, credit and AIsa gateways)."""
+    signed_in: set[tuple[str, str]] = field(default_factory=set)
+    """(origin, payer) pairs that paid a gateway offering sign-in-with-x: next time the proof alone is tried first."""
+    new_id: Callable[[], str] = field(default=lambda: os.urandom(16).hex(), repr=False)
+    """Call ids (injected randomness: the flow itself draws none)."""
     approver: bool = False
     strip_fields: frozenset[str] = frozenset()
     identity_headers: Mapping[str, str] = field(default_factory=dict)
@@ -458,6 +540,13 @@ class FlowConfig:
     policy_source: Callable[[], Policy] | None = None
     """A live policy (e.g. an on-chain source's ``current``): read into ``policy`` at the start of every call."""
     _caps: tuple[Policy, Caps] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def hold_seconds(self) -> float:
+        """How long a call's reservation lives: at least as long as the call can run (its head, then its body under
+        ``max_stream_seconds``), so a running call is never swept; a day when the body has no deadline."""
+        body = self.max_stream_seconds if self.max_stream_seconds is not None else 86_400.0
+        return max(self.reservation_ttl, HEAD_TIMEOUT_SECONDS + body + 60.0)
 
     def caps(self) -> Caps:
         """The policy's caps in micro-USDC (converted once per policy value)."""
@@ -522,11 +611,26 @@ def _payment_record(payment: SignedPayment, settlement: Settlement | None, *, re
 
 
 def _own_settlement(payment: SignedPayment, settlement: Settlement | None) -> Settlement | None:
-    """The settlement report, unless it names another payer (then it says nothing about this payment)."""
-    if settlement is not None and settlement.payer and settlement.payer.lower() != payment.payer.lower():
-        log.warning("llm402: the gateway reported a settlement for another payer; ignoring it")
-        return Settlement(False, None, None, None, None, error="settlement_for_another_payer")
-    return settlement
+    """The settlement report if it is about this payment: this payer, this network and (when named) this asset.
+    Any other report says nothing about it (and so can never lower what it counts)."""
+    if settlement is None:
+        return None
+    req = payment.requirement
+    networks = {req.network, str(req.raw.get("network", req.network))}
+    mismatch = (
+        "payer"
+        if (settlement.payer or "").lower() != payment.payer.lower()
+        else "network"
+        if settlement.network not in networks
+        else "asset"
+        if settlement.asset is not None and settlement.asset.lower() != req.asset.lower()
+        else None
+    )
+    if mismatch is None:
+        return settlement
+    if settlement.success:
+        log.warning("llm402: the gateway's settlement report does not name this payment's %s; ignoring it", mismatch)
+    return Settlement(False, None, None, None, None, error=f"settlement_report_{mismatch}_mismatch")
 
 
 def charged(payment: SignedPayment, settlement: Settlement | None) -> int:
@@ -545,12 +649,62 @@ def charged(payment: SignedPayment, settlement: Settlement | None) -> int:
 
 
 class _Refused(Exception):
-    """Internal: a sub-flow ended the call with a refusal (already answered in the receipt's terms)."""
+    """Internal: a sub-flow ended the call with a refusal, after counting ``cost`` of any payment it signed."""
 
-    def __init__(self, error: PaymentRequiredError, status: int = 402) -> None:
+    def __init__(
+        self, error: PaymentRequiredError, status: int = 402, *, cost: int = 0, settlement: Settlement | None = None
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.status = status
+        self.cost = cost
+        self.settlement = settlement
+
+
+@dataclass(slots=True)
+class CallState:
+    """What one call has done so far: the flow's only mutable state."""
+
+    call_id: str
+    started: float
+    day: str
+    headers: dict[str, str]
+    body: bytes = b""
+    usage_injected: bool = False
+    reserved: int = 0
+    """What the ledger holds for this call (0 until `Reserve`)."""
+    holds: bool = False
+    """Whether the ledger holds a reservation for this call."""
+    payment: SignedPayment | None = None
+    reused: bool = False
+    """``payment`` was signed by an earlier attempt of the same request (which counted it)."""
+
+    @property
+    def cost_if_lost(self) -> int:
+        """What a paid attempt that ended without an answer counts: all of a payment this call signed."""
+        return self.payment.amount if self.payment is not None and not self.reused else 0
+
+
+def _receipt(cfg: FlowConfig, call: CallRequest, st: CallState, **fields: Any) -> Receipt:
+    payment = st.payment
+    if payment is not None and "payment" not in fields:
+        fields["payment"] = _payment_record(payment, fields.pop("settlement", None), reused=st.reused)
+    fields.pop("settlement", None)
+    return Receipt(
+        call_id=st.call_id,
+        agent=cfg.agent,
+        intent=cfg.intent,
+        gateway=call.origin,
+        method=call.method,
+        path=call.path,
+        model=call.model,
+        streamed=call.streaming,
+        started_at=st.started,
+        latency_ms=round((cfg.clock() - st.started) * 1000, 3),
+        route=cfg.route,
+        reserved=st.reserved,
+        **fields,
+    )
 
 
 def _json_body(data: Mapping[str, Any]) -> bytes:
@@ -622,8 +776,61 @@ def _authorize(
     return payment
 
 
-def _mint_key(cfg: FlowConfig, call: CallRequest, credit: CreditProfile) -> Generator[Effect, Any, str]:
-    """Mint an API key with a fresh SIWE message (``issuedAt`` now, new nonce), keep it, return it."""
+# --- single flight: one key mint and one top-up at a time per gateway and wallet ----------------------------
+
+
+def _lease_id(kind: str, cfg: FlowConfig) -> str:
+    """The ledger reservation that makes ``kind`` single-flight per gateway and wallet, across processes."""
+    return f"{kind}:{cfg.base_url}:{(cfg.payer or '').lower()}"
+
+
+def _lease(cfg: FlowConfig, kind: str, amount: int, caps: Caps) -> Generator[Effect, Any, str | None]:
+    """Hold the single-flight reservation for ``kind`` (``amount`` under ``caps``); ``None`` when another call held
+    it and has now finished (the caller reuses what it did)."""
+    now = cfg.clock()
+    lease = _lease_id(kind, cfg)
+    hold = Hold(lease, topup_agent(cfg.agent), _day(now), amount, now + LEASE_SECONDS, cfg.intent)
+    try:
+        yield Reserve(hold, caps)
+    except ReservationHeld:
+        finished = yield AwaitRelease(lease, LEASE_WAIT_SECONDS)
+        if not finished:
+            raise _Refused(
+                InsufficientBalance(f"another {kind} for this wallet did not finish in {LEASE_WAIT_SECONDS:.0f}s")
+            ) from None
+        return None
+    return lease
+
+
+def _day(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).date().isoformat()
+
+
+def _api_key(cfg: FlowConfig, credit: CreditProfile) -> Generator[Effect, Any, str | None]:
+    """The credit gateway's API key: the one in use, else one minted now (one mint at a time per wallet)."""
+    key: str | None = yield CurrentKey()
+    if key is not None or not cfg.mint_keys:
+        return key
+    lease = yield from _lease(cfg, "mint", 0, Caps())
+    if lease is None:  # another call minted meanwhile
+        key = yield CurrentKey()
+        if key is not None:
+            return key
+        lease = yield from _lease(cfg, "mint", 0, Caps())
+        if lease is None:
+            raise _Refused(PaymentRequiredError("could not mint an API key", code="key_mint_failed"))
+    try:
+        key = yield CurrentKey()
+        if key is None:
+            key = yield from _mint_key(cfg, credit)
+            yield StoreKey(key)
+    finally:
+        yield Release(lease)
+    return key
+
+
+def _mint_key(cfg: FlowConfig, credit: CreditProfile) -> Generator[Effect, Any, str]:
+    """Mint an API key with a fresh SIWE message (``issuedAt`` now, new nonce) and return it."""
     if cfg.payer is None:
         raise PolicyRefusal("minting an API key needs a wallet", code="no_wallet")
     chain_id = credit.chain_id
@@ -657,281 +864,368 @@ def _mint_key(cfg: FlowConfig, call: CallRequest, credit: CreditProfile) -> Gene
         raise PaymentRequiredError(
             f"the gateway refused to mint an API key: {_reason(head)}", code="key_mint_failed", status=head.status
         )
-    yield StoreKey(key)
-    return key
-
-
-def topup_flow(
-    cfg: FlowConfig, credit: CreditProfile, needed: int, own_reservation: int = 0
-) -> Generator[Effect, Any, Receipt]:
-    """Buy credit with an x402 payment, bounded by the policy and what the caps have left; record it apart.
-
-    Used by a call answered ``INSUFFICIENT_BALANCE`` and by ``llm402 topup``. Returns the top-up's receipt.
-    """
-    day = datetime.fromtimestamp(cfg.clock(), UTC).date().isoformat()
-    remaining = yield Remaining(cfg.agent, day, cfg.caps())
-    budget_left = None if remaining is None else remaining + own_reservation
-    amount = topup_amount(needed, credit.min_topup, cfg.policy, budget_left)
-    url = cfg.base_url + credit.topup_path
-    origin = _origin(url)
-    body = topup_body(amount)
-    headers = {"content-type": "application/json", "accept-encoding": "identity"}
-    started = cfg.clock()
-    head = yield Send(headers, body, method="POST", url=url, read_body=True)
-    if head.status != 402:
-        raise PaymentRequiredError(f"top-up did not ask for payment: {_reason(head)}", code="topup_failed")
-    limit = cfg.policy.model_copy(update={"max_payment_usd": atomic_to_usd(amount)})
-    chosen = _choose(head, url, limit)
-    if chosen is None:
-        raise PaymentRequiredError(f"top-up answered an unreadable 402: {_reason(head)}", code="topup_failed")
-    payment = yield from _authorize(cfg, *chosen, url, None, "topup")
-    head = yield Send({**headers, payment.header_name: payment.header_value}, body, "POST", url, read_body=True)
-    settlement = decode_settlement(head.headers)
-    record = _payment_record(payment, settlement, reused=False)
-    receipt = Receipt(
-        call_id=os.urandom(16).hex(),
-        agent=cfg.agent,
-        intent=cfg.intent,
-        gateway=origin,
-        method="POST",
-        path=credit.topup_path,
-        model=None,
-        status=head.status,
-        streamed=False,
-        started_at=started,
-        latency_ms=round((cfg.clock() - started) * 1000, 3),
-        payment=_as_topup(record),
-        error=None if 200 <= head.status < 300 else f"http_{head.status}",
-    )
-    yield Record(receipt)
-    if not 200 <= head.status < 300:
-        raise PaymentRejected(f"the gateway refused the top-up payment: {_reason(head)}", amount=payment.amount)
-    return receipt
+    return validate_api_key(key, cfg.base_url + credit.keys_path)  # never store or send a malformed key
 
 
 def _as_topup(record: PaymentRecord) -> PaymentRecord:
     return replace(record, kind="topup")
 
 
-def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None]:
-    """One logical call, from policy check to receipt."""
-    started = cfg.clock()
-    call_id = os.urandom(16).hex()
-    day = datetime.fromtimestamp(started, UTC).date().isoformat()
+def topup_flow(
+    cfg: FlowConfig, credit: CreditProfile, needed: int, *, join_in_flight: bool = False
+) -> Generator[Effect, Any, Receipt | None]:
+    """Buy credit with an x402 payment: at most the policy's top-up limit (default: the max ticket), reserved under
+    the daily top-up limit (default: the daily cap) before it is signed, and booked apart from consumption.
 
-    def receipt(**fields: Any) -> Receipt:
+    One top-up at a time per gateway and wallet: with ``join_in_flight`` a call that finds another top-up running
+    waits for it and returns ``None`` (it reuses that credit); otherwise that is refused.
+    Used by a call answered ``INSUFFICIENT_BALANCE`` and by ``llm402 topup``. Returns the top-up's receipt.
+    """
+    amount = topup_amount(needed, credit.min_topup, cfg.policy, None)
+    try:
+        lease = yield from _lease(cfg, "topup", amount, Caps(daily=cfg.policy.daily_topup_cap))
+    except BudgetExceeded as exc:
+        raise PolicyRefusal(
+            f"a top-up of {format_usd(amount)} is above what the daily top-up limit has left: {exc.message}",
+            code="topup_refused",
+            requested=amount,
+        ) from None
+    if lease is None:
+        if join_in_flight:
+            return None
+        raise PolicyRefusal("another top-up for this wallet was in flight; try again", code="topup_refused")
+    url = cfg.base_url + credit.topup_path
+    started = cfg.clock()
+    payment: SignedPayment | None = None
+
+    def receipt(status: int | None, error: str | None, settlement: Settlement | None = None) -> Receipt:
         return Receipt(
-            call_id=call_id,
+            call_id=cfg.new_id(),
             agent=cfg.agent,
             intent=cfg.intent,
-            gateway=call.origin,
-            method=call.method,
-            path=call.path,
-            model=call.model,
-            streamed=call.streaming,
+            gateway=_origin(url),
+            method="POST",
+            path=credit.topup_path,
+            model=None,
+            status=status,
+            streamed=False,
             started_at=started,
             latency_ms=round((cfg.clock() - started) * 1000, 3),
-            route=cfg.route,
-            **fields,
+            cost=0 if payment is None or (status is not None and not 200 <= status < 300) else payment.amount,
+            reserved=amount,
+            payment=None if payment is None else _as_topup(_payment_record(payment, settlement, reused=False)),
+            error=error,
         )
 
-    # 1. policy, before any traffic
+    body = topup_body(amount)
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
     try:
-        if cfg.policy_source is not None:
-            cfg.policy = cfg.policy_source()
-        cfg.policy.check_call(cfg.intent, call.model)
-    except PolicyRefusal as refusal:
-        yield Finish(call_id, 0, receipt(status=402, error=refusal.code), reserved=False)
-        yield Answer.refusal(refusal)
-        return
-    caps = cfg.caps()
-
-    # 2. a deterministic request answered before is answered from the cache: nothing is sent or paid
-    cacheable = cfg.cache is not None and cfg.cache.cacheable(call)
-    hit = cfg.cache.get(call) if cfg.cache is not None and cacheable else None
-    if hit is not None:
-        tokens = {"prompt_tokens": hit.prompt_tokens, "completion_tokens": hit.completion_tokens}
-        yield Finish(call_id, 0, receipt(status=hit.status, cache_hit=True, saved=hit.cost, **tokens), reserved=False)
-        yield Answer(hit.status, {**dict(hit.headers), "x-llm402-cache": "hit"}, hit.body)
-        return
-
-    # 3. a retry of a call whose payment is outstanding re-sends that payment, and reserves nothing new
-    payment = cfg.payments.reusable(call.fingerprint, started)
-    reused = payment is not None
-    estimate = 0 if reused else estimate_cost(cfg.prices.lookup(call.model), call.json)
-    try:
-        yield Reserve(Hold(call_id, cfg.agent, day, estimate, started + cfg.reservation_ttl, cfg.intent), caps)
-    except PolicyRefusal as refusal:
-        yield Finish(call_id, 0, receipt(status=402, error=refusal.code), reserved=False)
-        yield Answer.refusal(refusal)
-        return
-    reserved = estimate
-
-    body, injected = with_usage_requested(call)
-    body = _strip_fields(cfg, call, body)
-    headers: dict[str, str] = {"accept-encoding": "identity", **cfg.identity_headers}
-    if payment is not None:
-        headers[payment.header_name] = payment.header_value
-
-    prepaid: SignedPayment | None = None
-
-    def failed(exc: BaseException, status: int | None = None) -> Finish:
-        """A paid attempt that ended without an answer counts the payment as spent (it may have settled)."""
-        cost = payment.amount if payment is not None and not reused else 0
-        if payment is not None:
-            cfg.payments.mark_unknown(call.fingerprint)
-        record = _payment_record(payment, None, reused=reused) if payment is not None else None
-        return Finish(
-            call_id,
-            cost,
-            receipt(status=status, error=type(exc).__name__, cost=cost, reserved=reserved, payment=record),
-        )
-
-    try:
-        # 3. credit gateways: an API key minted by SIWE when none is configured
-        if cfg.credit is not None and cfg.api_key is None and cfg.mint_keys and call.method == "POST":
-            cfg.api_key = yield from _mint_key(cfg, call, cfg.credit)
-        if cfg.api_key is not None:
-            headers["authorization"] = f"Bearer {cfg.api_key}"
-
-        # one round trip: this request shape's price is known, so the payment goes with the first request
-        shape = quote_key(call) if cfg.policy.one_round_trip else None  # what a known price is remembered by
-        known = cfg.quotes.get(shape, started) if shape is not None and payment is None else None
-        if known is not None:
-            try:
-                requirement = select_requirement(known, cfg.policy)
-                check_transport_security(call.url, requirement.network, cfg.policy)
-            except PaymentRequiredError:
-                known = None  # the policy changed: pay the ordinary way, if at all
-        if known is not None:
-            if requirement.amount > reserved:
-                yield Grow(call_id, requirement.amount, caps)
-                reserved = requirement.amount
-            prepaid = yield from _authorize(cfg, known, requirement, call.url, call.model, "call")
-            cfg.payments.remember(call.fingerprint, prepaid)
-            yield Expose(call_id, prepaid.amount, prepaid.valid_before)
-            headers[prepaid.header_name] = prepaid.header_value
-            payment = prepaid
-
-        try:
-            head: Head = yield Send(headers, body)
-        except BaseException as exc:
-            yield failed(exc)
+        head = yield Send(headers, body, method="POST", url=url, read_body=True)
+        if head.status != 402:
+            raise PaymentRequiredError(f"top-up did not ask for payment: {_reason(head)}", code="topup_failed")
+        chosen = _choose(head, url, cfg.policy.model_copy(update={"max_payment_usd": atomic_to_usd(amount)}))
+        if chosen is None:
+            raise PaymentRequiredError(f"top-up answered an unreadable 402: {_reason(head)}", code="topup_failed")
+        payment = yield from _authorize(cfg, *chosen, url, None, "topup")
+        yield Expose(lease, payment.amount, payment.valid_before)
+        head = yield Send({**headers, payment.header_name: payment.header_value}, body, "POST", url, read_body=True)
+    except BaseException as exc:
+        if isinstance(exc, GeneratorExit):
             raise
-        paid_up_front = payment is not None and not reused and head.status != 402
-        outstanding = 0
-        if prepaid is not None and shape is not None and head.status == 402:
-            # the gateway did not take the payment sent up front: it stays exposure until it expires; pay the new quote
-            cfg.quotes.forget(shape)
-            cfg.payments.forget(call.fingerprint)
-            headers.pop(prepaid.header_name, None)
-            payment, outstanding = None, prepaid.amount
+        # a signed top-up whose answer was lost counts as spent (it may have settled)
+        yield Finish(lease, 0 if payment is None else payment.amount, receipt(None, type(exc).__name__))
+        raise
+    ok = 200 <= head.status < 300
+    done = receipt(head.status, None if ok else f"http_{head.status}", decode_settlement(head.headers))
+    # a top-up the gateway took is spent; a refused one stays counted as exposure until it expires
+    yield Finish(lease, payment.amount if ok else 0, done)
+    if not ok:
+        raise PaymentRejected(f"the gateway refused the top-up payment: {_reason(head)}", amount=payment.amount)
+    return done
 
-        # 4. credit exhausted: top up (an x402 payment of its own) and replay once
-        if (
-            head.status == 402
-            and cfg.credit is not None
-            and payment is None
-            and _error_code(head) in cfg.credit.insufficient_codes
-        ):
-            yield from topup_flow(cfg, cfg.credit, reserved, reserved)
-            head = yield Send(headers, body)
-            if head.status == 402 and _error_code(head) in cfg.credit.insufficient_codes:
-                raise _Refused(
-                    PaymentRequiredError(
-                        "still not enough credit after a top-up; llm402 does not top up twice for one call",
-                        code="insufficient_balance",
-                    )
-                )
-        if head.status == 401 and cfg.credit is not None:
-            raise _Refused(
-                ApiKeyRejected(
-                    f"the gateway rejected the API key ({_reason(head)}): it may be revoked; mint a new one with "
-                    "`llm402 keys create`, or leave api_key unset to let llm402 mint one"
-                ),
-                status=401,
-            )
 
-        # 5. the 402 dance: parse, select under policy, grow the reservation, sign, replay once
-        if head.status == 402 and reused:
-            cfg.payments.forget(call.fingerprint)
-            raise _Refused(
-                PaymentOutcomeUnknown(
-                    "a payment for this call was already sent and its answer was lost; llm402 will not pay twice",
-                    gateway_reason=_reason(head),
-                )
-            )
-        if head.status == 402:
-            chosen = _choose(head, call.url, cfg.policy)
-            if chosen is not None:
-                challenge, requirement = chosen
-                if requirement.amount + outstanding > reserved:  # the quote is above the estimate: grow first
-                    yield Grow(call_id, requirement.amount + outstanding, caps)
-                    reserved = requirement.amount + outstanding
-                payment = yield from _authorize(cfg, challenge, requirement, call.url, call.model, "call")
-                if shape is not None:
-                    cfg.quotes.put(shape, challenge, started)
-                if challenge.extensions and SIGN_IN_WITH_X in challenge.extensions:
-                    headers.update((yield SignIn(dict(challenge.extensions), call.url, requirement.network)))
-    except _Refused as refused:
-        yield Finish(call_id, 0, receipt(status=refused.status, error=refused.error.code, reserved=reserved))
-        yield Answer.refusal(refused.error, refused.status)
-        return
-    except PaymentRequiredError as refusal:
-        yield Finish(call_id, 0, receipt(status=402, error=refusal.code, reserved=reserved))
-        yield Answer.refusal(refusal)
-        return
-    if payment is not None and not reused and not paid_up_front:
-        cfg.payments.remember(call.fingerprint, payment)
-        valid_before = max(payment.valid_before, prepaid.valid_before if prepaid is not None else 0)
-        yield Expose(call_id, payment.amount + outstanding, valid_before)
-        headers[payment.header_name] = payment.header_value
-        try:
-            head = yield Send(headers, body)
-        except BaseException as exc:
-            yield failed(exc)
-            raise
-        if head.status == 402 or 300 <= head.status < 400:
-            redirected = head.status != 402
-            rejection = PaymentRejected(
-                "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere"
-                if redirected
-                else f"the gateway refused the signed payment of {format_usd(payment.amount)}: {_reason(head)}",
-                code="payment_redirected" if redirected else "payment_rejected",
-                gateway_reason=_reason(head),
-                amount=payment.amount,
-            )
-            if redirected:
-                cfg.payments.mark_unknown(call.fingerprint)
-            else:
-                cfg.payments.forget(call.fingerprint)
-            cost = payment.amount if redirected else 0
-            record = _payment_record(payment, None, reused=False)
+# --- one call ------------------------------------------------------------------------------------------------
+
+
+def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None]:
+    """One logical call, from policy check to receipt: gate, reserve, negotiate (key, 402, top-up), deliver and
+    reconcile. Every refusal is answered locally with a receipt; nothing is signed outside the policy and ledger."""
+    started = cfg.clock()
+    st = CallState(cfg.new_id(), started, _day(started), {"accept-encoding": "identity", **cfg.identity_headers})
+    try:
+        hit = yield from _gate(cfg, call, st)
+        if hit is not None:
             yield Finish(
-                call_id,
-                cost,
-                receipt(status=head.status, error=rejection.code, cost=cost, reserved=reserved, payment=record),
+                st.call_id,
+                0,
+                _receipt(
+                    cfg,
+                    call,
+                    st,
+                    status=hit.status,
+                    cache_hit=True,
+                    saved=hit.cost,
+                    prompt_tokens=hit.prompt_tokens,
+                    completion_tokens=hit.completion_tokens,
+                ),
+                reserved=False,
             )
-            yield Answer.refusal(rejection)
+            yield Answer(hit.status, {**dict(hit.headers), "x-llm402-cache": "hit"}, hit.body)
             return
+        yield from _reserve(cfg, call, st)
+        head = yield from _negotiate(cfg, call, st)
+    except (_Refused, PaymentRequiredError) as exc:
+        refused = exc if isinstance(exc, _Refused) else _Refused(exc)
+        error = refused.error
+        receipt = _receipt(
+            cfg, call, st, status=refused.status, error=error.code, cost=refused.cost, settlement=refused.settlement
+        )
+        yield Finish(st.call_id, refused.cost, receipt, reserved=st.holds, outstanding=_movable(st, refused.settlement))
+        yield Answer.refusal(error, refused.status)
+        return
+    yield from _deliver(cfg, call, st, head)
 
-    # 6. hand the response over, metering it on the way
+
+def _gate(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect, Any, CachedAnswer | None]:
+    """Before any traffic: the policy (intent, model), a known price under a cap, and the response cache."""
+    if cfg.policy_source is not None:
+        cfg.policy = cfg.policy_source()
+    cfg.policy.check_call(cfg.intent, call.model)
+    if cfg.metered and call.model is not None and cfg.prices.lookup(call.model) is None:
+        yield LoadPrices()  # the engine fetches the gateway's catalog (once, then on a schedule)
+        if cfg.prices.lookup(call.model) is None and cfg.policy.has_cap and not cfg.policy.allow_unpriced:
+            raise PriceUnknown(
+                f"the price of {call.model!r} is unknown, so a cap cannot bind it; add it to prices= or set "
+                "Policy(allow_unpriced=True)",
+                model=call.model,
+            )
+    if cfg.cache is not None and cfg.cache.cacheable(call):
+        return cfg.cache.get(_cache_key(cfg, call))
+    return None
+
+
+def _cache_key(cfg: FlowConfig, call: CallRequest) -> str:
+    """Who asks, and under what rules: the gateway and request (fingerprint), the credentials, agent and policy."""
+    scope = f"{call.fingerprint}\n{call.credential}\n{cfg.agent}\n{cfg.intent}\n{cfg.route}\n{cfg.policy!r}"
+    return hashlib.sha256(scope.encode()).hexdigest()
+
+
+def _reserve(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect, Any, None]:
+    """Reserve the estimate (nothing for a retry that re-sends a payment an earlier attempt counted)."""
+    outstanding = None if call.pay_again else cfg.payments.reusable(call.fingerprint, st.started)
+    if outstanding is not None:
+        st.payment, st.reused = outstanding.payment, True
+        st.headers[outstanding.payment.header_name] = outstanding.payment.header_value
+    estimate = 0 if st.reused else estimate_cost(cfg.prices.lookup(call.model), call.json)
+    yield Reserve(Hold(st.call_id, cfg.agent, st.day, estimate, st.started + cfg.hold_seconds, cfg.intent), cfg.caps())
+    st.reserved, st.holds = estimate, True
+    body, st.usage_injected = with_usage_requested(call)
+    st.body = _strip_fields(cfg, call, body)
+
+
+def _send(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect, Any, Head]:
+    """Send the call as it stands; an attempt that ends without an answer is finished (a payment it carried counts as
+    spent and stays resendable) and the error goes on to the caller."""
+    try:
+        head: Head = yield Send(st.headers, st.body)
+    except BaseException as exc:
+        if isinstance(exc, GeneratorExit):
+            raise
+        if st.payment is not None:
+            cfg.payments.mark_unknown(call.fingerprint)
+        cost = st.cost_if_lost
+        yield Finish(st.call_id, cost, _receipt(cfg, call, st, status=None, error=type(exc).__name__, cost=cost))
+        raise
+    return head
+
+
+def _negotiate(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect, Any, Head]:
+    """Send the call and get it an answer worth delivering: the API key, one round trip, a top-up, the 402 dance."""
+    credit = cfg.credit
+    if credit is not None and call.origin == _origin(cfg.base_url):  # a key goes only to the origin it is for
+        key = yield from _api_key(cfg, credit)
+        if key is not None:
+            st.headers["authorization"] = f"Bearer {key}"
+    if st.payment is None:
+        yield from _prepay(cfg, call, st)
+    head = yield from _send(cfg, call, st)
+    if st.payment is not None:  # a retry's payment, or one sent up front: never paid again
+        _check_paid_answer(cfg, call, st, head)
+        return head
+    if head.status == 402 and credit is not None and _error_code(head) in credit.insufficient_codes:
+        head = yield from _top_up_and_replay(cfg, call, st, credit)
+    if head.status == 401 and credit is not None:
+        raise _Refused(
+            ApiKeyRejected(
+                f"the gateway rejected the API key ({_reason(head)}): it may be revoked; mint a new one with "
+                "`llm402 keys create`, or leave api_key unset to let llm402 mint one"
+            ),
+            status=401,
+        )
+    if head.status == 402:
+        head = yield from _pay_and_replay(cfg, call, st, head)
+    return head
+
+
+def _prepay(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect, Any, None]:
+    """One round trip: this request shape's price is known, so the payment goes with the first request."""
+    if not cfg.policy.one_round_trip:
+        return
+    known = cfg.quotes.get(quote_key(call), st.started)
+    if known is None:
+        return
+    try:
+        requirement = select_requirement(known, cfg.policy)
+        check_transport_security(call.url, requirement.network, cfg.policy)
+    except PaymentRequiredError:
+        return  # the policy changed: pay the ordinary way, if at all
+    yield from _sign_for(cfg, call, st, known, requirement)
+
+
+def _sign_for(
+    cfg: FlowConfig, call: CallRequest, st: CallState, challenge: Challenge, requirement: Requirement
+) -> Generator[Effect, Any, None]:
+    """Grow the reservation to the quote, sign, remember the payment for retries and count it as exposure."""
+    if requirement.amount > st.reserved:
+        yield Grow(st.call_id, requirement.amount, cfg.caps())
+        st.reserved = requirement.amount
+    payment = yield from _authorize(cfg, challenge, requirement, call.url, call.model, "call")
+    st.payment = payment
+    cfg.payments.remember(call.fingerprint, payment, st.call_id, st.started)
+    yield Expose(st.call_id, payment.amount, payment.valid_before)
+    st.headers[payment.header_name] = payment.header_value
+
+
+def _top_up_and_replay(
+    cfg: FlowConfig, call: CallRequest, st: CallState, credit: CreditProfile
+) -> Generator[Effect, Any, Head]:
+    """Credit ran out: top up (a payment of its own, single-flight) or reuse another call's top-up; replay."""
+    bought = yield from topup_flow(cfg, credit, max(st.reserved, 1), join_in_flight=True)
+    head = yield from _send(cfg, call, st)
+    if bought is None and head.status == 402 and _error_code(head) in credit.insufficient_codes:
+        yield from topup_flow(cfg, credit, max(st.reserved, 1), join_in_flight=True)  # another's was not enough
+        head = yield from _send(cfg, call, st)
+    if head.status == 402 and _error_code(head) in credit.insufficient_codes:
+        raise _Refused(
+            InsufficientBalance("still not enough credit after a top-up; llm402 does not top up twice for one call")
+        )
+    return head
+
+
+def _pay_and_replay(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> Generator[Effect, Any, Head]:
+    """The 402 dance: parse, select under policy, (prove who pays,) grow the reservation, sign, replay once."""
+    chosen = _choose(head, call.url, cfg.policy)
+    if chosen is None:
+        return head  # not an x402 challenge: the caller gets the gateway's 402
+    challenge, requirement = chosen
+    offers_siwx = bool(challenge.extensions and SIGN_IN_WITH_X in challenge.extensions)
+    if offers_siwx and (call.origin, cfg.payer) in cfg.signed_in:
+        # this wallet paid here before: the proof alone may be enough (as the reference client does); pay only if not
+        proof: Mapping[str, str] = yield SignIn(dict(challenge.extensions or {}), call.url, requirement.network)
+        if proof:
+            head = yield from _send(cfg, call, replace(st, headers={**st.headers, **proof}))
+            if head.status != 402:
+                return head
+            chosen = _choose(head, call.url, cfg.policy)
+            if chosen is None:
+                return head
+            challenge, requirement = chosen
+    yield from _sign_for(cfg, call, st, challenge, requirement)
+    if cfg.policy.one_round_trip:
+        cfg.quotes.put(quote_key(call), challenge, st.started)
+    head = yield from _send(cfg, call, st)
+    _check_paid_answer(cfg, call, st, head)
+    if offers_siwx and 200 <= head.status < 300 and cfg.payer is not None:
+        cfg.signed_in.add((call.origin, cfg.payer))
+    return head
+
+
+_SETTLED_REASONS = ("nonce_already_used", "already_used", "already_settled", "settlement_pending")
+
+
+def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> None:
+    """After a request that carried a payment: a 3xx is not followed and a 402 is not paid again. Raises `_Refused`
+    with what the payment counts: all of it when it may have moved, none for a retry (an earlier attempt counted it)."""
+    payment = st.payment
+    assert payment is not None
+    redirected = 300 <= head.status < 400
+    if head.status != 402 and not redirected:
+        return
+    reason = _reason(head)
+    if redirected:
+        cfg.payments.mark_unknown(call.fingerprint)
+        raise _Refused(
+            PaymentRejected(
+                "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere",
+                code="payment_redirected",
+                gateway_reason=reason,
+                amount=payment.amount,
+            ),
+            cost=st.cost_if_lost,
+        )
+    settlement = _own_settlement(payment, decode_settlement(head.headers))
+    shown = settlement is not None and (settlement.success or settlement.transaction is not None)
+    if shown or any(word in reason for word in _SETTLED_REASONS):
+        transaction = settlement.transaction if settlement is not None else None
+        cfg.payments.mark_settled(call.fingerprint, transaction)
+        entry = cfg.payments.reusable(call.fingerprint, st.started)
+        transaction = transaction or (entry.transaction if entry is not None else None)
+        paid_by = entry.call_id if entry is not None else st.call_id
+        cost = 0 if st.reused else charged(payment, settlement if settlement and settlement.success else None)
+        raise _Refused(
+            PaidAnswerLost(
+                f"the gateway shows this call's payment of {format_usd(payment.amount)} as settled "
+                f"(transaction {transaction or 'not given'}) but answered 402 ({reason}); the answer was lost and "
+                "retrying re-sends the same payment, never a second one",
+                gateway_reason=reason,
+                transaction=transaction,
+                paid_call_id=paid_by,
+                amount=payment.amount,
+            ),
+            cost=cost,
+            settlement=settlement,
+        )
+    cfg.payments.mark_unknown(call.fingerprint)  # it may still settle: a retry re-sends it, never signs another
+    if st.reused:
+        raise _Refused(
+            PaymentOutcomeUnknown(
+                "a payment for this call was already sent and its answer was lost; llm402 will not pay twice "
+                f"({reason})",
+                gateway_reason=reason,
+            )
+        )
+    raise _Refused(
+        PaymentRejected(
+            f"the gateway refused the signed payment of {format_usd(payment.amount)}: {reason}",
+            gateway_reason=reason,
+            amount=payment.amount,
+        )
+    )
+
+
+def _movable(st: CallState, settlement: Settlement | None) -> int | None:
+    """How much of a signed payment's unsettled remainder can still move (``None``: all of it)."""
+    payment = st.payment
+    if payment is None or not payment.requirement.upto or settlement is None or not settlement.success:
+        return None
+    return 0 if settlement.amount is not None else None  # a settled upto authorization is consumed
+
+
+def _deliver(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> Generator[Effect, Any, None]:
+    """Hand the answer over, metering it on the way; reconcile to what was really charged; leave a receipt."""
+    payment = st.payment
     settlement = _own_settlement(payment, decode_settlement(head.headers)) if payment is not None else None
     extra: dict[str, str] = {}
     if payment is not None:
         extra["x-should-retry"] = "false"
-        if cfg.cost_header and not reused:
+        if cfg.cost_header and not st.reused:
             if payment.requirement.upto and (settlement is None or not settlement.success):
                 extra["llm402-cost-max"] = str(payment.amount)  # an upto stream settles after its last byte
             else:
                 extra["llm402-cost"] = str(charged(payment, settlement))
-    deadline = cfg.max_stream_seconds if call.streaming else None
-    end: StreamEnd = yield Deliver(extra, strip_usage_event=injected, deadline_seconds=deadline)
-
-    # 7. reconcile to what was really charged, and leave a receipt
+    end: StreamEnd = yield Deliver(extra, strip_usage_event=st.usage_injected, deadline_seconds=cfg.max_stream_seconds)
     ok = 200 <= head.status < 300
     usage = end.usage
-    still_movable: int | None = None  # None: all of a signed payment's unsettled remainder may still move
     if payment is not None:
         if ok and not end.aborted:
             cfg.payments.forget(call.fingerprint)
@@ -939,71 +1233,54 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
             cfg.payments.mark_unknown(call.fingerprint)
         if end.settlement is not None and (settlement is None or not settlement.success):
             settlement = _own_settlement(payment, end.settlement)
-        # a reused payment was counted by the call that signed it
-        actual = 0 if reused else charged(payment, settlement)
-        if payment.requirement.upto and settlement is not None and settlement.success and settlement.amount is not None:
-            still_movable = outstanding  # the upto authorization is consumed; an unused up-front one may still move
+        actual = 0 if st.reused else charged(payment, settlement)  # a reused payment was counted when signed
     else:
         metered = _usage_cost(cfg, call.model, usage)
-        if metered is not None and ok:
-            actual = metered
-        elif ok:
-            # no usage reported (an aborted stream, or a gateway that never sends it): reconcile by the reservation,
-            # an upper bound, rather than recording a priced call as free (invariant 5)
-            actual = reserved
-        else:
-            actual = 0
-    error = end.error or (None if ok else f"http_{head.status}")
-    if cacheable and cfg.cache is not None and ok and not end.aborted and end.body is not None:
+        # no usage (an aborted stream, a gateway that never reports it): the reservation, an upper bound, not $0
+        actual = (metered if metered is not None else st.reserved) if ok else 0
+    if cfg.cache is not None and cfg.cache.cacheable(call) and ok and not end.aborted and end.body is not None:
         kept = tuple((k, v) for k, v in head.headers.items() if k.lower() in ("content-type",))
-        cfg.cache.put(
-            call,
-            CachedAnswer(
-                head.status,
-                kept,
-                end.body,
-                actual,
-                usage.prompt_tokens if usage else 0,
-                usage.completion_tokens if usage else 0,
-            ),
-        )
-    yield Finish(
-        call_id,
-        actual,
-        receipt(
-            status=head.status,
-            cost=actual,
-            reserved=reserved,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            payment=_payment_record(payment, settlement, reused=reused) if payment is not None else None,
-            error=error,
-            credits_remaining=str(usage.credits_remaining) if usage and usage.credits_remaining is not None else None,
-        ),
-        outstanding=still_movable,
+        tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        cfg.cache.put(_cache_key(cfg, call), CachedAnswer(head.status, kept, end.body, actual, *tokens))
+    receipt = _receipt(
+        cfg,
+        call,
+        st,
+        status=head.status,
+        cost=actual,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        settlement=settlement,
+        error=end.error or (None if ok else f"http_{head.status}"),
+        credits_remaining=str(usage.credits_remaining) if usage and usage.credits_remaining is not None else None,
     )
+    yield Finish(st.call_id, actual, receipt, outstanding=_movable(st, settlement))
 
 
 def _reason(head: Head) -> str:
-    """The gateway's own words for a refusal (a short, secret-free string)."""
-    for name in ("x-sandbox-refusal",):
-        if head.headers.get(name):
-            return str(head.headers[name])[:200]
+    """The gateway's own words for a refusal (a short, secret-free string): the x402 ``error``/``errorReason``."""
+    reasons: list[str] = []
+    settlement = decode_settlement(head.headers)
+    if settlement is not None and settlement.error:
+        reasons.append(settlement.error)
     try:
         challenge = parse_challenge(head.headers, head.body or b"")
     except PaymentRequiredError:
         challenge = None
     if challenge is not None and challenge.error:
-        return challenge.error[:200]
-    if head.body:
+        reasons.append(challenge.error)
+    elif head.body:
         try:
             data = json.loads(head.body)
         except ValueError:
-            return head.body[:200].decode(errors="replace")
+            data = head.body[:200].decode(errors="replace")
         if isinstance(data, Mapping):
-            err = data.get("error")
+            err = data.get("error") or data.get("errorReason")
             if isinstance(err, Mapping):
-                return str(err.get("code") or err.get("message"))[:200]
-            if err:
-                return str(err)[:200]
-    return f"HTTP {head.status}"
+                err = err.get("code") or err.get("message")
+            data = err
+        if data:
+            reasons.append(str(data))
+    if not reasons and head.headers.get("x-sandbox-refusal"):
+        reasons.append(str(head.headers["x-sandbox-refusal"]))
+    return "; ".join(dict.fromkeys(r[:200] for r in reasons)) or f"HTTP {head.status}"

@@ -5,17 +5,20 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
 import httpx
 
 from .approval import Approval, Approver
-from .budget.base import Ledger
+from .budget.base import Caps, Hold, Ledger
 from .core import (
     Answer,
     Approve,
+    AwaitRelease,
     CallRequest,
+    CurrentKey,
     Deliver,
     Effect,
     Expose,
@@ -23,7 +26,9 @@ from .core import (
     FlowConfig,
     Grow,
     Head,
+    LoadPrices,
     Record,
+    Release,
     Remaining,
     Reserve,
     Send,
@@ -33,7 +38,8 @@ from .core import (
     StoreKey,
     call_flow,
 )
-from .credit import store_key
+from .credit import load_key, store_key
+from .errors import ReservationHeld
 from .receipts import Receipt, current_receipt
 from .wallet import Signer
 from .x402 import MAX_CHALLENGE_BYTES, sign_payment
@@ -47,6 +53,9 @@ delivery_context: contextvars.ContextVar[contextvars.Context | None] = contextva
 """Set while a delivered body finishes: the call's context at delivery, where receipt listeners run."""
 IOEffect = Send | Deliver | Answer
 _IO_EFFECTS = (Send, Deliver, Answer)
+PRICES_RETRY = 60.0
+"""Seconds between fetches of a gateway's published prices while a model's price is still unknown."""
+LEASE_POLL = 0.05
 
 
 class Engine:
@@ -60,8 +69,12 @@ class Engine:
         placeholder_api_key: str | None = None,
         approver: Approver | None = None,
         key_store: str | None = None,
+        price_loader: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
+        self.price_loader = price_loader
+        self._prices_tried_at = -float("inf")
+        self._key_lock = threading.Lock()
         self.approver = approver
         self.key_store = key_store
         config.approver = approver is not None
@@ -83,6 +96,10 @@ class Engine:
             StoreKey: self._store_key,
             SignIn: self._sign_in,
             Approve: self._approve,
+            AwaitRelease: self._await_release,
+            Release: self._release,
+            CurrentKey: self._current_key,
+            LoadPrices: self._load_prices,
         }
         """Each non-HTTP effect's performer, by its exact type (one dict lookup instead of a chain of isinstance)."""
 
@@ -138,9 +155,48 @@ class Engine:
         return "0x" + self.signer.sign_message(effect.text).hex()
 
     def _store_key(self, effect: StoreKey) -> None:
-        if self.key_store:
-            store_key(self.key_store, effect.key)
+        with self._key_lock:
+            if self.key_store:
+                store_key(self.key_store, effect.key)
+            self.config.api_key = effect.key
         log.info("llm402 minted an API key for %s", self.config.agent)
+
+    def _current_key(self, effect: CurrentKey) -> str | None:
+        """The minted key in use, else one another process kept in the key store since."""
+        with self._key_lock:
+            if self.config.api_key is None and self.key_store:
+                self.config.api_key = load_key(self.key_store)
+            return self.config.api_key
+
+    def _await_release(self, effect: AwaitRelease) -> bool:
+        """Poll until the reservation is gone (by briefly taking it over, at zero, and giving it back)."""
+        deadline = time.monotonic() + effect.timeout
+        while True:
+            now = self.config.clock()
+            try:
+                self.ledger.reserve(Hold(effect.call_id, "", "", 0, now + 5.0), Caps())
+            except ReservationHeld:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(LEASE_POLL)
+                continue
+            self.ledger.settle(effect.call_id, 0, None)
+            return True
+
+    def _release(self, effect: Release) -> None:
+        self.ledger.settle(effect.call_id, 0, None)
+
+    def _load_prices(self, effect: LoadPrices) -> None:
+        """Fetch the gateway's published prices (a model's price is unknown), at most once a minute."""
+        now = time.monotonic()
+        if self.price_loader is None or now - self._prices_tried_at < PRICES_RETRY:
+            return
+        self._prices_tried_at = now
+        try:
+            self.price_loader()
+        except Exception as exc:  # an unreachable catalog leaves prices unknown: capped calls are refused
+            log.warning("llm402: could not load the gateway's prices: %s", type(exc).__name__)
+            return
 
     def _approve(self, effect: Approve) -> Any:
         if self.approver is None:

@@ -25,6 +25,10 @@ class ConfigurationError(Llm402Error, ValueError):
     code = "configuration_error"
 
 
+class ReservationHeld(ConfigurationError):
+    """A reservation with this id is already open (a call id reused, or a top-up or key mint in flight elsewhere)."""
+
+
 class WalletError(Llm402Error):
     """The wallet could not be loaded or could not sign (messages never contain key material)."""
 
@@ -87,6 +91,25 @@ class PaymentOutcomeUnknown(PaymentRequiredError):
     code = "payment_outcome_unknown"
 
 
+class PaidAnswerLost(PaymentOutcomeUnknown):
+    """The gateway shows that this call's payment settled, but its answer never arrived; retrying the same request
+    re-sends the same authorization and gets this again (llm402 never signs a second one while it can settle)."""
+
+    code = "paid_answer_lost"
+
+
+class PriceUnknown(PolicyRefusal):
+    """Under a cap, a metered call to a model without a known price is refused before any traffic."""
+
+    code = "price_unknown"
+
+
+class InsufficientBalance(PaymentRequiredError):
+    """A gateway asked for more credit and this gateway is not configured to top up (or one top-up was not enough)."""
+
+    code = "insufficient_balance"
+
+
 class ApiKeyRejected(PaymentRequiredError):
     """A credit gateway rejected the API key (revoked or invalid); the message names the fix."""
 
@@ -105,6 +128,9 @@ _REFUSALS: dict[str, type[PaymentRequiredError]] = {
     "malformed_payment_required": MalformedPaymentRequired,
     "payment_rejected": PaymentRejected,
     "payment_outcome_unknown": PaymentOutcomeUnknown,
+    "paid_answer_lost": PaidAnswerLost,
+    "price_unknown": PriceUnknown,
+    "insufficient_balance": InsufficientBalance,
     "signer_error": SignerError,
     "api_key_rejected": ApiKeyRejected,
 }
@@ -122,6 +148,7 @@ POLICY_CODES = frozenset(
         "approval_denied",
         "topup_refused",
         "policy_unavailable",
+        "price_unknown",
     }
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import ssl
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -13,7 +14,7 @@ import httpx
 
 from .approval import Approver
 from .budget import Ledger, open_ledger
-from .core import FlowConfig, PaymentMemory, ResponseCache
+from .core import CurrentKey, FlowConfig, PaymentMemory, ResponseCache
 from .credit import CreditProfile, load_key
 from .engine import Engine, ReceiptListener
 from .errors import ConfigurationError
@@ -52,7 +53,15 @@ def _response_cache(setting: bool | int) -> ResponseCache | None:
 
 def _policy(value: Policy | str | os.PathLike[str] | Mapping[str, Any] | None) -> Policy:
     if value is None:
-        return Policy.from_env()
+        policy = Policy.from_env()
+        if policy.default_limits:
+            warnings.warn(
+                "llm402: no policy given, so the safe defaults apply: at most $1 a payment and $10 per agent per "
+                "UTC day (pass Policy(max_payment_usd=..., daily_cap_usd=...) to change them)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return policy
     if isinstance(value, Policy):
         return value
     if isinstance(value, Mapping):
@@ -116,9 +125,10 @@ class Gateway:
             cost_header=cost_header,
             base_url=self.base_url,
             payer=wallet.address if wallet is not None else None,
-            credit=credit or (CreditProfile() if profile in ("auto", "token-kiosk") else None),
+            credit=credit or (CreditProfile() if kiosk else None),  # top-ups only where configured as credit
             api_key=minted,
             mint_keys=kiosk and wallet is not None and api_key is None,
+            metered=profile in ("plain", "token-kiosk") or api_key is not None,
             strip_fields=KIOSK_REJECTED_FIELDS if kiosk else frozenset(),
             max_stream_seconds=max_stream_seconds,
             cache=_response_cache(response_cache),
@@ -133,6 +143,7 @@ class Gateway:
             None if api_key else PLACEHOLDER_API_KEY,
             approver=approver,
             key_store=key_store,
+            price_loader=self.load_prices,
         )
         self.ledger.recover(config.clock())
 
@@ -222,7 +233,7 @@ class Gateway:
         return self.prices
 
     def _auth_headers(self) -> dict[str, str]:
-        key = self._api_key or self.engine.config.api_key
+        key = self._api_key or self.engine.perform(CurrentKey())
         return {"authorization": f"Bearer {key}"} if key else {}
 
     # --- receipts ------------------------------------------------------------------------------------------------

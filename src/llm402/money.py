@@ -37,8 +37,9 @@ def format_usd(atomic: int) -> str:
     return f"{sign}${whole}.{frac:06d}"
 
 
-def parse_atomic(value: object) -> int:
-    """Parse an atomic amount from the wire: a base-10 integer string (or int) in 1..2**256-1."""
+def parse_atomic(value: object, *, allow_zero: bool = False) -> int:
+    """Parse an atomic amount from the wire: a base-10 integer string (or int) in 1..2**256-1 (0 too with
+    ``allow_zero``: a settlement of nothing is a valid report)."""
     if isinstance(value, bool):
         raise ValueError("amount must be an integer, got a boolean")
     if isinstance(value, int):
@@ -50,7 +51,7 @@ def parse_atomic(value: object) -> int:
     if not text.isdigit() or not text.isascii():
         raise ValueError(f"amount must be a non-negative base-10 integer, got {text[:40]!r}")
     amount = int(text)
-    if amount == 0:
+    if amount == 0 and not allow_zero:
         raise ValueError("amount must be positive")
     if amount > MAX_UINT256:
         raise ValueError("amount does not fit in a uint256")

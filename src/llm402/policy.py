@@ -2,7 +2,8 @@
 
 Every amount is configured in USD (``Decimal``) and used in micro-USDC (``int``). ``None`` means "no limit" for caps
 and "no restriction" for allow-lists, except assets: ``allowed_assets=None`` admits only the USD stablecoins the
-official x402 SDK knows.
+official x402 SDK knows. A policy that does not set the max ticket or the daily cap gets safe defaults ($1 a payment,
+$10 per agent per UTC day); only an explicit ``None`` lifts them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from .errors import ConfigurationError, PolicyRefusal
 from .money import format_usd, usd_to_atomic
 
 ENV_POLICY = "LLM402_POLICY"
+DEFAULT_MAX_PAYMENT_USD = Decimal("1")
+"""The max ticket of a policy that names none (the official x402 client's own default)."""
+DEFAULT_DAILY_CAP_USD = Decimal("10")
+"""The per-agent daily cap of a policy that names none."""
+DEFAULT_LIMITS = ("max_payment_usd", "daily_cap_usd")
 
 
 def _lower(values: frozenset[str] | None) -> frozenset[str] | None:
@@ -31,8 +37,12 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_payment_usd: Decimal | None = Field(None, description="max ticket: the most one payment may be")
-    daily_cap_usd: Decimal | None = Field(None, description="per agent per UTC day")
+    max_payment_usd: Decimal | None = Field(
+        DEFAULT_MAX_PAYMENT_USD, description="max ticket: the most one payment may be (None: no limit)"
+    )
+    daily_cap_usd: Decimal | None = Field(
+        DEFAULT_DAILY_CAP_USD, description="per agent per UTC day, payments and metered usage (None: no cap)"
+    )
     total_budget_usd: Decimal | None = Field(None, description="per agent, all time")
     global_cap_usd: Decimal | None = Field(None, description="all agents sharing one ledger")
     allowed_intents: frozenset[str] | None = None
@@ -53,7 +63,13 @@ class Policy(BaseModel):
     )
     max_validity_seconds: int = Field(3600, gt=0, description="longest payment validity window accepted")
     topup_min_usd: Decimal | None = None
-    topup_max_usd: Decimal | None = Field(None, description="largest automatic credit top-up")
+    topup_max_usd: Decimal | None = Field(None, description="largest credit top-up (None: the max ticket)")
+    daily_topup_cap_usd: Decimal | None = Field(
+        None, description="credit top-ups per agent per UTC day (None: the daily cap)"
+    )
+    allow_unpriced: bool = Field(
+        False, description="under a cap, let calls through to models whose price is unknown (counted as $0)"
+    )
     allow_insecure_http: bool = Field(False, description="pay over plain HTTP to a non-loopback host")
     one_round_trip: bool = Field(
         False, description="send a signed payment with the first request when the price is known"
@@ -66,6 +82,7 @@ class Policy(BaseModel):
         "global_cap_usd",
         "topup_min_usd",
         "topup_max_usd",
+        "daily_topup_cap_usd",
     )
     @classmethod
     def _usd(cls, value: Decimal | None) -> Decimal | None:
@@ -100,8 +117,23 @@ class Policy(BaseModel):
 
     @property
     def topup_max(self) -> int | None:
-        """Largest automatic top-up in micro-USDC."""
-        return self._atomic(self.topup_max_usd)
+        """Largest single top-up in micro-USDC: ``topup_max_usd``, else the max ticket (``None``: no limit)."""
+        return self._atomic(self.topup_max_usd if self.topup_max_usd is not None else self.max_payment_usd)
+
+    @property
+    def daily_topup_cap(self) -> int | None:
+        """Top-ups per agent per UTC day in micro-USDC: ``daily_topup_cap_usd``, else the daily cap."""
+        return self._atomic(self.daily_topup_cap_usd if self.daily_topup_cap_usd is not None else self.daily_cap_usd)
+
+    @property
+    def has_cap(self) -> bool:
+        """Whether any consumption cap (daily, total, global) is set."""
+        return any(v is not None for v in (self.daily_cap_usd, self.total_budget_usd, self.global_cap_usd))
+
+    @property
+    def default_limits(self) -> tuple[str, ...]:
+        """The safe default limits this policy runs on because it does not name them."""
+        return tuple(name for name in DEFAULT_LIMITS if name not in self.model_fields_set)
 
     @property
     def topup_min(self) -> int | None:

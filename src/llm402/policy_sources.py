@@ -75,7 +75,14 @@ class PolicySource(Protocol):
 
 # --- merging ------------------------------------------------------------------------------------------------------
 
-_CAPS = ("max_payment_usd", "daily_cap_usd", "total_budget_usd", "global_cap_usd", "topup_max_usd")
+_CAPS = (
+    "max_payment_usd",
+    "daily_cap_usd",
+    "total_budget_usd",
+    "global_cap_usd",
+    "topup_max_usd",
+    "daily_topup_cap_usd",
+)
 _SETS = ("allowed_intents", "allowed_models", "allowed_networks")
 _ANY_MODEL = "*"
 
@@ -151,6 +158,7 @@ def merge_policies(*policies: Policy) -> Policy:
     merged["allow_insecure_http"] = all(p.allow_insecure_http for p in policies)
     merged["one_round_trip"] = all(p.one_round_trip for p in policies)
     merged["prefer_upto"] = all(p.prefer_upto for p in policies)
+    merged["allow_unpriced"] = all(p.allow_unpriced for p in policies)
     unknown = set(Policy.model_fields) - set(merged)
     for name in sorted(unknown):  # a field added to Policy later: merge it only if every policy agrees
         values = {repr(getattr(p, name)) for p in policies}

@@ -113,6 +113,7 @@ class Settlement:
     payer: str | None
     amount: int | None
     error: str | None = None
+    asset: str | None = None
 
 
 # --- parsing --------------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def _normalize(entry: Any, dialect: Dialect) -> Requirement:
         if chain_id is None:
             raise ValueError(f"unknown network {network[:40]!r}")
         network = f"eip155:{chain_id}"
-    elif not _CAIP2_EVM.match(network):
+    elif not _CAIP2_EVM.fullmatch(network):
         raise ValueError(f"invalid CAIP-2 network {network[:40]!r}")
     amount_field = entry.get("amount")
     max_field = entry.get("maxAmountRequired")
@@ -159,10 +160,10 @@ def _normalize(entry: Any, dialect: Dialect) -> Requirement:
     if amount_field is not None and max_field is not None and parse_atomic(max_field) != amount:
         raise ValueError("amount and maxAmountRequired disagree")
     pay_to = entry.get("payTo")
-    if not isinstance(pay_to, str) or not _ADDRESS.match(pay_to):
+    if not isinstance(pay_to, str) or not _ADDRESS.fullmatch(pay_to):
         raise ValueError("missing or invalid payTo (payee)")
     asset = entry.get("asset")
-    if not isinstance(asset, str) or not _ADDRESS.match(asset):
+    if not isinstance(asset, str) or not _ADDRESS.fullmatch(asset):
         raise ValueError("missing or invalid asset")
     timeout = entry.get("maxTimeoutSeconds", DEFAULT_TIMEOUT_SECONDS if dialect is Dialect.KIOSK else None)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
@@ -254,7 +255,7 @@ def _scheme_refusal(requirement: Requirement, policy: Policy, dialect: Dialect) 
         return PolicyRefusal(
             "an upto offer needs x402 v2, Permit2 and extra.facilitatorAddress", code="scheme_not_supported"
         )
-    if not _ADDRESS.match(facilitator):
+    if not _ADDRESS.fullmatch(facilitator):
         return PolicyRefusal("the upto offer's facilitatorAddress is not an address", code="scheme_not_supported")
     return None
 
@@ -407,7 +408,7 @@ def decode_settlement(headers: Mapping[str, str]) -> Settlement | None:
             if not isinstance(data, Mapping):
                 raise ValueError("not an object")
             amount_raw = data.get("amount")
-            amount = parse_atomic(amount_raw) if amount_raw not in (None, "") else None
+            amount = parse_atomic(amount_raw, allow_zero=True) if amount_raw not in (None, "") else None
             return Settlement(
                 success=bool(data.get("success", False)),
                 transaction=_opt_str(data.get("transaction")),
@@ -415,6 +416,7 @@ def decode_settlement(headers: Mapping[str, str]) -> Settlement | None:
                 payer=_opt_str(data.get("payer")),
                 amount=amount,
                 error=_opt_str(data.get("errorReason") or data.get("error")),
+                asset=_opt_str(data.get("asset")),
             )
         except (ValueError, binascii.Error) as exc:
             return Settlement(False, None, None, None, None, error=f"unreadable {name} header: {exc}"[:200])

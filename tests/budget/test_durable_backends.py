@@ -54,9 +54,9 @@ def test_sqlite_url_home_and_bad_urls(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
-    ledger = SqliteLedger.from_url(f"sqlite:///{tmp_path}/new/dir/ledger.db")
     directory = tmp_path / "new" / "dir"
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    directory.mkdir(parents=True)  # a ledger's folder must exist: only ~/.llm402 is created (test_ledger_paths.py)
+    ledger = SqliteLedger.from_url(f"sqlite:///{directory}/ledger.db")
     assert stat.S_IMODE((directory / "ledger.db").stat().st_mode) == 0o600
     ledger.close()
     with sqlite3.connect(directory / "ledger.db") as conn:

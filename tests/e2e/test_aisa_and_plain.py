@@ -53,8 +53,20 @@ def test_aisa_error_table_maps_to_typed_errors(sandbox: SandboxServer) -> None:
     with pytest.raises(openai.APIStatusError) as broke:
         client(good).chat.completions.create(model="sandbox/small", messages=MESSAGES)  # type: ignore[arg-type]
     assert isinstance(typed_error(broke.value), InsufficientCredits)
-    with pytest.raises(openai.NotFoundError) as missing:
+    with pytest.raises(openai.APIStatusError) as unpriced:  # under the default daily cap: no price, no traffic
         client(good).chat.completions.create(model="xyz", messages=MESSAGES)  # type: ignore[arg-type]
+    assert unpriced.value.status_code == 402
+    refused = typed_error(unpriced.value)
+    assert refused is not None and refused.code == "price_unknown"
+    lenient = Gateway(
+        f"{sandbox.url}/aisa/v1",
+        profile="aisa",
+        api_key=aisa_key(sandbox, "0"),
+        ledger="memory://",
+        policy=Policy(allow_unpriced=True),
+    )
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(lenient).chat.completions.create(model="xyz", messages=MESSAGES)  # type: ignore[arg-type]
     error = typed_error(missing.value)
     assert isinstance(error, ModelNotFound)
     assert error.code == "model_not_found"

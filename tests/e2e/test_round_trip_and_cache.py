@@ -37,7 +37,7 @@ def test_warm_calls_pay_in_one_round_trip(sandbox: SandboxServer, view: SandboxV
     assert FUNDS - view.balance(wallet.address) == sum(r.cost for r in gw.receipts())
 
 
-def test_a_changed_price_is_paid_and_the_unused_authorization_stays_exposure(
+def test_a_402_after_the_up_front_payment_is_not_paid_again(
     sandbox: SandboxServer, view: SandboxView, wallet: Wallet
 ) -> None:
     gw = Gateway(
@@ -48,17 +48,22 @@ def test_a_changed_price_is_paid_and_the_unused_authorization_stays_exposure(
     changed = client.post(
         f"{gw.base_url}/chat/completions", json=BODY, headers={"X-Sandbox-Fault": "change_amount_on_replay"}
     )
-    # the up-front payment met a new quote; llm402 paid the new quote once (the hostile replay refused it too),
-    # and never a third time
+    # the gateway answered the up-front payment with a new 402: that authorization may still settle, so llm402 does
+    # not sign a second one, for this attempt or for any retry of it
     assert changed.status_code == 402
     assert changed.json()["error"]["code"] == "payment_rejected"
-    assert view.stats(wallet.address)["signatures_seen"] == 3
-    first, second = gw.receipts()
+    for _ in range(3):
+        retry = client.post(
+            f"{gw.base_url}/chat/completions", json=BODY, headers={"X-Sandbox-Fault": "change_amount_on_replay"}
+        )
+        assert retry.json()["error"]["code"] == "payment_outcome_unknown"
+    assert view.stats(wallet.address)["signatures_seen"] == 2
+    first, second = gw.receipts()[:2]
     assert second.payment is not None
     charged = FUNDS - view.balance(wallet.address)
     assert charged == first.cost
     totals = gw.ledger.totals(gw.agent, time.strftime("%Y-%m-%d", time.gmtime()))
-    unused = first.cost + second.payment.amount  # the up-front authorization and the refused one, until they expire
+    unused = second.payment.amount  # the up-front authorization stays counted until it expires
     assert totals.day_spent + totals.day_reserved == charged + unused
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from llm402 import Gateway, Policy, Wallet
-from llm402.errors import refusal_from_envelope
+from llm402.errors import PaymentOutcomeUnknown, refusal_from_envelope
 
 ASSET = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 PAYEE = "0x" + "ab" * 20
@@ -142,7 +142,9 @@ def test_payee_allow_list() -> None:
 
 
 def test_402_on_replay_is_a_typed_error_not_a_loop() -> None:
-    fake = FakeGateway(v2_challenge(), lambda r: httpx.Response(402, json={"error": "nonce_already_used"}))
+    fake = FakeGateway(
+        v2_challenge(), lambda r: httpx.Response(402, json={"error": "invalid_exact_evm_payload_signature"})
+    )
     _, client = gateway(fake)
     response = client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT)
     error = refusal_from_envelope(response.content)
@@ -163,9 +165,11 @@ def test_retry_after_lost_answer_resends_same_payment() -> None:
     gw, client = gateway(fake)
     with pytest.raises(httpx.ReadTimeout):
         client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT)
-    retry = client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT)
-    error = refusal_from_envelope(retry.content)
-    assert error is not None and error.code == "payment_outcome_unknown"
+    for _ in range(4):  # every retry re-sends the one authorization; a refusal that shows it settled is typed
+        retry = client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT)
+        error = refusal_from_envelope(retry.content)
+        assert error is not None and error.code == "paid_answer_lost"
+        assert isinstance(error, PaymentOutcomeUnknown)
     assert len(fake.signatures) == 1
     costs = [r.cost for r in gw.receipts()]
     assert sum(costs) == 5000
@@ -226,7 +230,7 @@ def test_identity_travels_in_headers() -> None:
     assert all(r.headers["llm402-agent"].startswith("0x") for r in fake.requests)
 
 
-def test_sign_in_with_x_rides_on_the_paid_replay() -> None:
+def test_sign_in_with_x_proof_alone_once_the_wallet_has_paid() -> None:
     import datetime
 
     now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
@@ -243,9 +247,19 @@ def test_sign_in_with_x_rides_on_the_paid_replay() -> None:
             "supportedChains": [{"chainId": "eip155:84532", "type": "eip191"}],
         }
     }
-    fake = FakeGateway(lambda: httpx.Response(402, headers={"PAYMENT-REQUIRED": b64(challenge)}, json={}), ok)
+
+    def gate(request: httpx.Request) -> httpx.Response:  # a wallet that paid before gets in on the proof alone
+        if "sign-in-with-x" in request.headers and fake.signatures:
+            return ok(request)
+        return httpx.Response(402, headers={"PAYMENT-REQUIRED": b64(challenge)}, json={})
+
+    fake = FakeGateway(lambda: gate(fake.requests[-1]), ok)
     _, client = gateway(fake)
     assert client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT).status_code == 200
     unpaid, paid = fake.requests
-    assert "sign-in-with-x" not in unpaid.headers
-    assert paid.headers["sign-in-with-x"]
+    assert "sign-in-with-x" not in unpaid.headers  # a first payment carries no proof: the payment is what counts
+    assert "sign-in-with-x" not in paid.headers
+    for _ in range(2):
+        assert client.post("http://127.0.0.1:9/v1/chat/completions", json=CHAT).status_code == 200
+    assert len(fake.signatures) == 1  # later calls got in on the proof alone: no authorization signed for them
+    assert all("sign-in-with-x" in r.headers for r in fake.requests[3::2])

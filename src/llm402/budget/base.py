@@ -14,6 +14,25 @@ from ..receipts import PaymentRecord, Receipt
 
 DEFAULT_RESERVATION_TTL = 900.0
 """Seconds after which a reservation whose process vanished is resolved by `Ledger.recover`."""
+TOPUP_SUFFIX = "#topup"
+"""Credit top-ups are booked under ``<agent>#topup``: their own daily limit, apart from what calls consume, and
+outside the global (consumption) sums, so prepaid credit is not counted twice."""
+
+
+def topup_agent(agent: str) -> str:
+    """The ledger account of an agent's credit top-ups."""
+    return agent + TOPUP_SUFFIX
+
+
+def counts_globally(agent: str) -> bool:
+    """Whether an account's spend counts toward the global cap (consumption does; top-ups do not)."""
+    return not agent.endswith(TOPUP_SUFFIX)
+
+
+def ledger_agent(receipt: Receipt) -> str:
+    """The account a receipt's cost is booked under."""
+    payment = receipt.payment
+    return topup_agent(receipt.agent) if payment is not None and payment.kind == "topup" else receipt.agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +102,8 @@ class Ledger(Protocol):
         ...
 
     def settle(self, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None = None) -> None:
-        """Replace the reservation by ``actual`` committed spend and store the receipt.
+        """Replace the reservation by ``actual`` committed spend and store the receipt. A settlement whose
+        reservation is already gone (swept) is still committed, to the receipt's account and day.
 
         A signed payment that did not settle (``actual`` below the exposure) keeps the difference reserved until the
         authorization's ``valid_before``. ``outstanding`` says how much of that difference can still move when the

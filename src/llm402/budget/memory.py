@@ -10,9 +10,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ReservationHeld
 from ..receipts import Receipt
-from .base import Caps, Hold, LedgerTotals, cap_refusal, check_spend_group, dangling_amount, spend_rows
+from .base import (
+    Caps,
+    Hold,
+    LedgerTotals,
+    cap_refusal,
+    check_spend_group,
+    counts_globally,
+    dangling_amount,
+    ledger_agent,
+    receipt_day,
+    spend_rows,
+)
 
 HELD, EXPOSED, DANGLING = "held", "exposed", "dangling"
 
@@ -61,12 +72,14 @@ class MemoryLedger:
     def _commit(self, agent: str, day: str, amount: int) -> None:
         self._spent_day[(agent, day)] += amount
         self._spent_agent[agent] += amount
-        self._spent_global += amount
+        if counts_globally(agent):
+            self._spent_global += amount
 
     def _reserved(self, agent: str, day: str) -> tuple[int, int, int]:
         day_r = agent_r = global_r = 0
         for res in self._open.values():
-            global_r += res.amount
+            if counts_globally(res.agent):
+                global_r += res.amount
             if res.agent == agent:
                 agent_r += res.amount
                 if res.day == day:
@@ -96,7 +109,7 @@ class MemoryLedger:
             if now >= self._next_expiry:  # something may have expired: resolve it before counting
                 self._sweep(now)
             if hold.call_id in self._open:
-                raise ConfigurationError(f"call {hold.call_id} already holds a reservation")
+                raise ReservationHeld(f"call {hold.call_id} already holds a reservation")
             self._check(hold.agent, hold.day, hold.amount, caps)
             self._open[hold.call_id] = _Reservation(hold.agent, hold.day, hold.amount, hold.expires_at)
             self._next_expiry = min(self._next_expiry, hold.expires_at)
@@ -128,6 +141,8 @@ class MemoryLedger:
                 left = dangling_amount(res.exposure, actual, outstanding)
                 if res.state == EXPOSED and left > 0:
                     self._open[call_id] = _Reservation(res.agent, res.day, left, res.expires_at, DANGLING)
+            elif receipt is not None:  # swept while the call ran: what it cost is still spent
+                self._commit(ledger_agent(receipt), receipt_day(receipt.started_at), actual)
             if receipt is not None:
                 self._receipts.append(receipt)
 

@@ -33,14 +33,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ReservationHeld
 from ..receipts import Receipt
 from .base import (
+    TOPUP_SUFFIX,
     Caps,
     Hold,
     LedgerTotals,
     cap_refusal,
     check_spend_group,
+    ledger_agent,
+    receipt_day,
     receipt_from_json,
     receipt_to_json,
     spend_rows,
@@ -51,11 +54,17 @@ SWEEP_BATCH = 1000
 """Expired reservations resolved per script run (bounds a script's run time; `recover` loops)."""
 _SEQ_DIGITS = 20
 
-_LIB = """
+_LIB = (
+    f"""
+local TOPUP = '{TOPUP_SUFFIX}'
+"""
+    + """
 local function num(x) return tonumber(x) or 0 end
 local function int(x) return string.format('%d', x) end
 local function fields(agent, day)
-  return 'd:' .. #agent .. ':' .. agent .. ':' .. day, 'a:' .. agent, 'g'
+  local g = 'g'
+  if string.sub(agent, -#TOPUP) == TOPUP then g = 'gt' end  -- top-ups stay out of the global (consumption) sum
+  return 'd:' .. #agent .. ':' .. agent .. ':' .. day, 'a:' .. agent, g
 end
 local function add(hash, agent, day, amount)
   if amount == 0 then return end
@@ -91,6 +100,7 @@ local function check(spent, reserved, agent, day, extra, caps)
   return nil
 end
 """
+)
 
 # KEYS: spent, reserved, expiry, res:<call_id>
 # ARGV: res prefix, now, sweep limit, call_id, agent, day, amount, expires_at, intent, daily, total, global caps
@@ -147,7 +157,8 @@ return {0}
 )
 
 # KEYS: spent, reserved, expiry, res:<call_id>, receipts, receipt-seq
-# ARGV: call_id, actual, receipt JSON ('' = none), started_at, outstanding ('' = all of exposure - actual)
+# ARGV: call_id, actual, receipt JSON ('' = none), started_at, outstanding ('' = all of exposure - actual),
+#       the receipt's account and day (to commit a settlement whose reservation was swept while the call ran)
 _SETTLE = (
     _LIB
     + """
@@ -166,6 +177,8 @@ if r[1] then
     redis.call('DEL', KEYS[4])
     redis.call('ZREM', KEYS[3], ARGV[1])
   end
+elseif ARGV[6] ~= '' then
+  add(KEYS[1], ARGV[6], ARGV[7], tonumber(ARGV[2]))
 end
 if ARGV[3] ~= '' then
   local seq = redis.call('INCR', KEYS[6])
@@ -282,7 +295,7 @@ class RedisLedger:
         except self._response_error as exc:
             message = str(exc)
             if "LLM402_DUPLICATE" in message:
-                raise ConfigurationError(f"call {call_id} already holds a reservation") from None
+                raise ReservationHeld(f"call {call_id} already holds a reservation") from None
             if "LLM402_MISSING" in message:
                 raise KeyError(call_id) from None
             raise
@@ -349,6 +362,8 @@ class RedisLedger:
                 "" if receipt is None else receipt_to_json(receipt),
                 _score(0.0 if receipt is None else receipt.started_at),
                 "" if outstanding is None else _money(outstanding),
+                "" if receipt is None else ledger_agent(receipt),
+                "" if receipt is None else receipt_day(receipt.started_at),
             ],
             call_id,
         )

@@ -23,15 +23,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import BudgetExceeded, ConfigurationError
+from ..errors import BudgetExceeded, ConfigurationError, ReservationHeld
 from ..receipts import Receipt
 from .base import (
+    TOPUP_SUFFIX,
     Caps,
     Hold,
     LedgerTotals,
     cap_refusal,
     check_spend_group,
+    counts_globally,
     dangling_amount,
+    ledger_agent,
     order_spend,
     receipt_day,
     receipt_from_json,
@@ -88,8 +91,11 @@ _ADD_SPENT = (
 _SPENT = "SELECT amount FROM spent WHERE scope = ? AND agent = ? AND day = ?"
 _RESERVED = (
     "SELECT COALESCE(SUM(CASE WHEN agent = ? AND day = ? THEN amount END), 0), "
-    "COALESCE(SUM(CASE WHEN agent = ? THEN amount END), 0), COALESCE(SUM(amount), 0) FROM reservations"
+    "COALESCE(SUM(CASE WHEN agent = ? THEN amount END), 0), "
+    "COALESCE(SUM(CASE WHEN agent NOT LIKE ? THEN amount END), 0) FROM reservations"
 )
+_TOPUP_GLOBAL = TOPUP_SUFFIX
+"""The global row of top-ups (kept apart from the consumption row, whose agent key is empty)."""
 # One constant query per grouping: the column name is never interpolated from input.
 _REPORT_SELECT = (
     "SELECT {col}, COUNT(*), COALESCE(SUM(cost), 0), COALESCE(SUM(json_extract(data, '$.saved')), 0), "
@@ -201,7 +207,12 @@ class SqliteLedger:
     def _commit(conn: sqlite3.Connection, agent: str, day: str, amount: int) -> None:
         if amount:
             conn.executemany(
-                _ADD_SPENT, (("day", agent, day, amount), ("agent", agent, "", amount), ("global", "", "", amount))
+                _ADD_SPENT,
+                (
+                    ("day", agent, day, amount),
+                    ("agent", agent, "", amount),
+                    ("global", "" if counts_globally(agent) else _TOPUP_GLOBAL, "", amount),
+                ),
             )
 
     @staticmethod
@@ -214,7 +225,7 @@ class SqliteLedger:
 
     @staticmethod
     def _reserved(conn: sqlite3.Connection, agent: str, day: str) -> tuple[int, int, int]:
-        day_r, agent_r, global_r = conn.execute(_RESERVED, (agent, day, agent)).fetchone()
+        day_r, agent_r, global_r = conn.execute(_RESERVED, (agent, day, agent, "%" + TOPUP_SUFFIX)).fetchone()
         return int(day_r), int(agent_r), int(global_r)
 
     def _check(self, conn: sqlite3.Connection, agent: str, day: str, extra: int, caps: Caps) -> None:
@@ -276,7 +287,7 @@ class SqliteLedger:
             self._sweep(conn, now)
             try:
                 if conn.execute("SELECT 1 FROM reservations WHERE call_id = ?", (hold.call_id,)).fetchone():
-                    raise ConfigurationError(f"call {hold.call_id} already holds a reservation")
+                    raise ReservationHeld(f"call {hold.call_id} already holds a reservation")
                 self._check(conn, hold.agent, hold.day, hold.amount, caps)
             except (ConfigurationError, BudgetExceeded) as exc:
                 refusal = exc
@@ -329,6 +340,8 @@ class SqliteLedger:
                     )
                 else:
                     conn.execute("DELETE FROM reservations WHERE call_id = ?", (call_id,))
+            elif receipt is not None:  # swept while the call ran: what it cost is still spent
+                self._commit(conn, ledger_agent(receipt), receipt_day(receipt.started_at), actual)
             if receipt is not None:
                 self._insert_receipt(conn, receipt)
 
