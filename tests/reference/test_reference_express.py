@@ -26,6 +26,10 @@ from reference_support import NODE_DIR, NodePeer, install_node_modules, require_
 
 from llm402.sandbox import SandboxServer
 
+# The first test that needs Node also waits for `npm ci` (about 10 s here, more on a slow registry mirror or a busy
+# machine): more room than the suite's default 120 s per test.
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="session")
 def node_modules() -> None:
