@@ -8,6 +8,8 @@ call, one replay, ``x-should-retry: false`` after a payment, reconcile on every 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import json
@@ -47,6 +49,7 @@ from .policy import Policy
 from .pricing import PriceCatalog, estimate_cost, max_completion_tokens
 from .receipts import PaymentRecord, Receipt
 from .x402 import (
+    MAX_CHALLENGE_BYTES,
     Challenge,
     Requirement,
     Settlement,
@@ -1257,6 +1260,18 @@ def _deliver(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> G
     yield Finish(st.call_id, actual, receipt, outstanding=_movable(st, settlement))
 
 
+def _challenge_error(header: str | None) -> str | None:
+    """The ``error`` of a ``PAYMENT-REQUIRED`` header that is not a payable challenge."""
+    if not header:
+        return None
+    try:
+        data = json.loads(base64.b64decode(header[:MAX_CHALLENGE_BYTES], validate=True))
+    except (ValueError, binascii.Error):
+        return None
+    error = data.get("error") if isinstance(data, Mapping) else None
+    return error if isinstance(error, str) else None
+
+
 def _reason(head: Head) -> str:
     """The gateway's own words for a refusal (a short, secret-free string): the x402 ``error``/``errorReason``."""
     reasons: list[str] = []
@@ -1265,10 +1280,11 @@ def _reason(head: Head) -> str:
         reasons.append(settlement.error)
     try:
         challenge = parse_challenge(head.headers, head.body or b"")
-    except PaymentRequiredError:
+    except PaymentRequiredError:  # a refusal need not be a payable challenge (e.g. ``accepts: []``)
         challenge = None
-    if challenge is not None and challenge.error:
-        reasons.append(challenge.error)
+    error = challenge.error if challenge is not None else _challenge_error(head.headers.get("payment-required"))
+    if error:
+        reasons.append(error)
     elif head.body:
         try:
             data = json.loads(head.body)
