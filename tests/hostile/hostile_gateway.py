@@ -82,7 +82,7 @@ class HostileGateway:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            do_GET = do_POST = do_DELETE = _any  # noqa: N815
+            do_GET = do_POST = do_DELETE = _any
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True

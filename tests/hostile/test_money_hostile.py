@@ -20,8 +20,8 @@ from hostile_gateway import (
     Seen,
     accepts,
     b64,
-    chat_answer,
     challenge_v2,
+    chat_answer,
     settlement,
 )
 

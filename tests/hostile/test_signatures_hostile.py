@@ -9,7 +9,7 @@ import threading
 
 import openai
 import pytest
-from hostile_gateway import HostileGateway, Seen, b64, chat_answer, challenge_v2, settlement
+from hostile_gateway import HostileGateway, Seen, b64, challenge_v2, chat_answer
 
 from llm402 import Gateway, Policy, Wallet
 from llm402.errors import PaidAnswerLost
