@@ -65,7 +65,10 @@ def assert_x402_v1_payment(value: dict[str, Any], payer: str) -> None:
 
 @uses_cassette("aisa_compute/api_key_proxy")
 def test_api_key_proxy_streams_tokens_and_meters_usage_cost(wire: WireLog, vcr: Any) -> None:
-    gw = Gateway(AISA_URL, profile="aisa", api_key="your-key", intent="commentary", policy=policy(), ledger="memory://")
+    """A key makes the gateway metered: under the daily cap a model without a known price needs
+    ``allow_unpriced`` (AIsa publishes no table; each answer's ``usage.cost`` is what the receipt counts)."""
+    unpriced = policy(allow_unpriced=True)
+    gw = Gateway(AISA_URL, profile="aisa", api_key="your-key", intent="commentary", policy=unpriced, ledger="memory://")
     client = client_for(gw)
     stream = client.chat.completions.create(
         model="gpt-5.2", messages=[{"role": "user", "content": "Commentate the opening move."}], stream=True
@@ -76,7 +79,7 @@ def test_api_key_proxy_streams_tokens_and_meters_usage_cost(wire: WireLog, vcr: 
     assert (streamed.streamed, streamed.cost, streamed.credits_remaining) == (True, 120, "4.99988")
 
     judged = Gateway(
-        AISA_URL, profile="aisa", api_key="your-key", intent="judging", policy=policy(), ledger="memory://"
+        AISA_URL, profile="aisa", api_key="your-key", intent="judging", policy=unpriced, ledger="memory://"
     )
     reply = client_for(judged).chat.completions.create(**JUDGE)
     assert reply.choices[0].message.content == "Round two goes to the challenger."
@@ -84,7 +87,24 @@ def test_api_key_proxy_streams_tokens_and_meters_usage_cost(wire: WireLog, vcr: 
     assert judged.last_receipt.cost == 210
     assert wire.paid() == []  # a key, not a payment
     assert all(s.headers["authorization"] == "Bearer your-key" for s in wire.sent)
+    assert [s.path for s in wire.sent if s.method == "POST"] == ["/v1/chat/completions"] * 2
     assert vcr.all_played
+
+
+@uses_cassette("aisa_compute/api_key_proxy")
+def test_api_key_proxy_refuses_an_unpriced_model_under_the_cap_before_the_call(wire: WireLog) -> None:
+    """Without ``allow_unpriced`` a cap cannot bind a model whose price is unknown: llm402 asks the catalog once
+    (``GET /models``, which this document does not answer) and refuses locally, before the chat is sent."""
+    gw = Gateway(AISA_URL, profile="aisa", api_key="your-key", intent="judging", policy=policy(), ledger="memory://")
+    with pytest.raises(openai.APIStatusError) as info:
+        client_for(gw, max_retries=0).chat.completions.create(**JUDGE)
+    refusal = refusal_from_error(info.value)
+    assert refusal is not None
+    assert refusal.code == "price_unknown"
+    assert [(s.method, s.path) for s in wire.sent] == [("GET", "/v1/models")]  # the chat never left
+    receipt = gw.last_receipt
+    assert receipt is not None
+    assert (receipt.status, receipt.cost, receipt.reserved, receipt.payment) == (402, 0, 0, None)
 
 
 # --- x402_probe -----------------------------------------------------------------------------------------------------

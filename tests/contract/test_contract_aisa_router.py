@@ -8,10 +8,10 @@ from typing import Any
 
 import openai
 import pytest
-from contract_support import AISA_URL, WireLog, cassette_marks, uses_cassette
+from contract_support import AISA_URL, Sent, WireLog, cassette_marks, uses_cassette
 from langchain_core.messages import HumanMessage
 
-from llm402 import Gateway
+from llm402 import Gateway, Policy
 from llm402.compare import compare
 from llm402.errors import GatewayAuthError, GatewayRateLimited, GatewayServerError, InsufficientCredits, ModelNotFound
 from llm402.langchain import ChatGateway, GatewayInsufficientCredits
@@ -20,12 +20,15 @@ from llm402.pricing import ModelPrice
 
 AISA_KEY = "your-key"  # Quick Start: export AISA_API_KEY="your-key"
 
+# The skill publishes no price table: its cost comes in each answer (usage.cost), so caps bind after each call.
+UNPRICED = Policy(allow_unpriced=True)
+
 
 @pytest.fixture
 def aisa(monkeypatch: pytest.MonkeyPatch) -> Gateway:
     """The skill's setup: AISA_API_KEY in the environment, the OpenAI-compatible base URL."""
     monkeypatch.setenv("AISA_API_KEY", AISA_KEY)
-    return Gateway(AISA_URL, profile="aisa", ledger="memory://")
+    return Gateway(AISA_URL, profile="aisa", ledger="memory://", policy=UNPRICED)
 
 
 def client_for(gw: Gateway, **kw: Any) -> openai.OpenAI:
@@ -39,6 +42,13 @@ def micro(cost: float | str) -> int:
 
 def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
+
+
+def chat_sent(wire: WireLog) -> Sent:
+    """The one chat request on the wire (a metered gateway may first ask ``GET /models`` for a price)."""
+    (chat,) = wire.to("/chat/completions")
+    assert [(s.method, s.path) for s in wire.sent if s is not chat] in ([], [("GET", "/v1/models")])
+    return chat
 
 
 CHATS = [
@@ -123,7 +133,7 @@ def test_usage_cost_and_credits_remaining_reach_the_receipt(
     assert receipt.credits_remaining is not None
     assert Decimal(receipt.credits_remaining) == Decimal(credits)
     assert receipt.payment is None
-    assert wire.sent[0].headers["authorization"] == f"Bearer {AISA_KEY}"
+    assert chat_sent(wire).headers["authorization"] == f"Bearer {AISA_KEY}"
 
 
 @pytest.mark.parametrize(
@@ -143,7 +153,7 @@ def test_streaming_sse_is_metered_by_usage_cost(
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert all(c.choices for c in chunks)
-    assert wire.sent[0].json()["stream_options"] == {"include_usage": True}
+    assert chat_sent(wire).json()["stream_options"] == {"include_usage": True}
     receipt = aisa.last_receipt
     assert receipt is not None
     assert receipt.streamed
@@ -243,7 +253,7 @@ def test_gemini_native_generate_content_is_metered_by_usage_metadata(
     table (Pricing: Gemini-2.5-Flash ~$0.001 / 1K tokens, i.e. $1 per 1M)."""
     monkeypatch.setenv("AISA_API_KEY", AISA_KEY)
     price = ModelPrice.from_usd("1", "1")
-    gw = Gateway(AISA_URL, profile="aisa", ledger="memory://", prices={"gemini-2.5-flash": price})
+    gw = Gateway(AISA_URL, profile="aisa", ledger="memory://", policy=Policy(), prices={"gemini-2.5-flash": price})
     with gw.http_client() as http:
         response = http.post(
             f"{gw.base_url}/models/gemini-2.5-flash:generateContent",

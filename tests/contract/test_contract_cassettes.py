@@ -35,7 +35,8 @@ from vcr.request import Request
 from vcr.serialize import deserialize
 from vcr.serializers import yamlserializer
 
-from llm402 import Gateway, Wallet
+from llm402 import Gateway, Policy, Wallet
+from llm402.pricing import ModelPrice
 from llm402.transport import PaymentTransport
 
 ALL = sorted(CASSETTES.rglob("*.yaml"))
@@ -271,11 +272,19 @@ def _answer() -> dict[str, Any]:
 
 def _calls(handler: Any, wallet: Wallet, key_store: Path) -> list[str]:
     """A credit gateway's first call (SIWE key mint, INSUFFICIENT_BALANCE, x402 top-up, replay) and a per-call x402
-    v2 call, each through llm402 and the OpenAI SDK; returns the answers."""
+    v2 call, each through llm402 and the OpenAI SDK; returns the answers. The model's price is given, as a user of
+    a metered gateway under the default cap must (else the call is refused as ``price_unknown``)."""
     answers = []
     for base, profile in (("https://kiosk.test/kiosk/v1", "token-kiosk"), ("https://x402.test/x402/v1", "x402")):
         gw = Gateway(
-            base, wallet=wallet, profile=profile, agent="recorder", ledger="memory://", key_store=str(key_store)
+            base,
+            wallet=wallet,
+            profile=profile,
+            agent="recorder",
+            ledger="memory://",
+            key_store=str(key_store),
+            policy=Policy(),
+            prices={"m": ModelPrice.from_usd("1", "1")},
         )
         http = httpx.Client(transport=PaymentTransport(gw.engine, httpx.MockTransport(handler)))
         client = openai.OpenAI(base_url=gw.base_url, api_key=gw.api_key, http_client=http, max_retries=0)

@@ -30,6 +30,7 @@ from contract_support import (
 from siwe import SiweMessage
 
 from llm402 import Gateway, Policy, Wallet
+from llm402.budget.base import receipt_day
 from llm402.credit import CreditProfile
 from llm402.errors import (
     GatewayAuthError,
@@ -59,6 +60,7 @@ BOTH_ASSETS = Policy(allowed_networks={BASE_MAINNET}, allowed_assets={BASE_USDC,
 
 def kiosk(wallet: Wallet | None = None, **kw: Any) -> Gateway:
     kw.setdefault("ledger", "memory://")
+    kw.setdefault("policy", Policy(allow_unpriced=True))  # examples whose model has no price in the fixture
     return Gateway(KIOSK_URL, wallet=wallet, profile="token-kiosk", **kw)
 
 
@@ -152,7 +154,13 @@ def test_first_call_mints_a_key_tops_up_and_replays(wallet: Wallet, wire: WireLo
     assert call.payment is None and call.status == 200
     assert (call.prompt_tokens, call.completion_tokens) == (20, 9)
     assert call.cost == price.cost(20, 9) == micro("0.15", "0.60", 20, 9) == 9  # metered at the catalog's rates
-    assert topup.cost == 0  # a top-up buys credit; it is not spend
+    # a top-up is money out of the wallet, booked in its own account (<agent>#topup, under the daily top-up limit),
+    # never as consumption: the agent's day and the global sum count only the call's metered 9
+    assert topup.cost == 5_000_000
+    day = receipt_day(call.started_at)
+    consumed, bought = gw.ledger.totals("kiosk-agent", day), gw.ledger.totals("kiosk-agent#topup", day)
+    assert (consumed.day_spent, consumed.agent_spent, consumed.global_spent) == (9, 9, 9)
+    assert (bought.day_spent, bought.day_reserved) == (5_000_000, 0)
 
     with gw.credit_account() as account:  # Quickstart > Step 4; Usage; Balance; Top-up History
         usage = account.usage()
@@ -175,10 +183,13 @@ def test_first_call_mints_a_key_tops_up_and_replays(wallet: Wallet, wire: WireLo
 # --- Top Up: USDC is chosen over USDT, and the replay carries an EIP-3009 signature -------------------------------
 
 
-@pytest.mark.parametrize("policy", [None, BOTH_ASSETS], ids=["default-policy", "usdc-and-usdt-allowed"])
+@pytest.mark.parametrize(
+    "policy", [Policy(topup_max_usd="5"), BOTH_ASSETS], ids=["usdc-only-topup-limit", "usdc-and-usdt-allowed"]
+)
 @uses_cassette("token_kiosk/topup")
-def test_topup_pays_usdc_with_one_signature(wallet: Wallet, wire: WireLog, vcr: Any, policy: Policy | None) -> None:
-    gw = kiosk(wallet, policy=policy or Policy())
+def test_topup_pays_usdc_with_one_signature(wallet: Wallet, wire: WireLog, vcr: Any, policy: Policy) -> None:
+    """A $5 top-up needs a top-up limit of $5: ``topup_max_usd``, or a max ticket of $5 (its default)."""
+    gw = kiosk(wallet, policy=policy)
     with gw.credit_account() as account:
         receipt = account.topup("5")
     assert receipt.payment is not None
@@ -192,7 +203,7 @@ def test_topup_pays_usdc_with_one_signature(wallet: Wallet, wire: WireLog, vcr: 
 @uses_cassette("token_kiosk/topup_concepts")
 def test_topup_402_with_max_amount_required_only(wallet: Wallet, wire: WireLog, vcr: Any) -> None:
     """Top up (x402) > Step 1 prints a requirement with ``maxAmountRequired`` and no ``amount``."""
-    with kiosk(wallet, policy=Policy()).credit_account() as account:
+    with kiosk(wallet, policy=Policy(topup_max_usd="5")).credit_account() as account:
         receipt = account.topup("5")
     assert receipt.payment is not None
     assert receipt.payment.amount == 5_000_000
@@ -200,9 +211,13 @@ def test_topup_402_with_max_amount_required_only(wallet: Wallet, wire: WireLog, 
     assert vcr.all_played
 
 
+@pytest.mark.parametrize(
+    "policy", [Policy(topup_max_usd="1"), Policy()], ids=["topup-limit", "default-limit-is-the-max-ticket"]
+)
 @uses_cassette("token_kiosk/topup")
-def test_topup_above_the_policy_limit_is_never_signed(wallet: Wallet, wire: WireLog, vcr: Any) -> None:
-    account = kiosk(wallet, policy=Policy(topup_max_usd="1")).credit_account()
+def test_topup_above_the_policy_limit_is_never_signed(wallet: Wallet, wire: WireLog, vcr: Any, policy: Policy) -> None:
+    """The top-up limit is ``topup_max_usd``, else the max ticket ($1 by default): a $5 top-up is refused unsent."""
+    account = kiosk(wallet, policy=policy).credit_account()
     with account, pytest.raises(PaymentRequiredError) as info:
         account.topup("5")
     assert info.value.code == "topup_refused"
@@ -336,19 +351,22 @@ def test_chat_completion_examples(body: dict[str, Any], answer: str, tokens: tup
     assert receipt.reserved == estimate_cost(price, body)
     assert max_completion_tokens(body) == body.get("max_tokens", 1024)
     assert receipt.payment is None
-    assert wire.sent[0].headers["authorization"] == f"Bearer {API_KEY}"
+    (chat,) = wire.to("/chat/completions")  # an unpriced model is looked up in GET /models first
+    assert chat.headers["authorization"] == f"Bearer {API_KEY}"
+    assert [(s.method, s.path) for s in wire.sent if s is not chat] == ([] if price else [("GET", "/v1/models")])
 
 
 @uses_cassette("token_kiosk/chat_completions")
 def test_reasoning_fields_are_stripped_before_the_gateway(wire: WireLog) -> None:
     """Chat Completions: 'Requests with thinking or reasoning_effort parameters return HTTP 400. Strip these fields
     before calling the gateway.' The token-kiosk profile strips them, so the documented plain request is sent."""
-    gw = kiosk(api_key=API_KEY)
+    gw = kiosk(api_key=API_KEY, prices=QUICKSTART_PRICES)
     reply = client_for(gw).chat.completions.create(
         model=FLASH, messages=[{"role": "user", "content": "Hello!"}], max_tokens=512, reasoning_effort="low"
     )
     assert reply.choices[0].message.content == "Hello! How can I help?"
-    assert "reasoning_effort" not in wire.sent[0].json()
+    (sent,) = wire.sent  # the price is known: no catalog request first
+    assert "reasoning_effort" not in sent.json()
 
 
 @uses_cassette("token_kiosk/chat_completions")
@@ -426,8 +444,14 @@ def test_tool_calling_returns_standard_openai_shapes() -> None:
 # --- Errors: every row of the error table ----------------------------------------------------------------------------
 
 
-def _kiosk_error(name: str, profile: str = "token-kiosk") -> tuple[Gateway, openai.APIStatusError]:
-    gw = Gateway(KIOSK_URL, profile=profile, api_key=API_KEY, ledger="memory://", prices=QUICKSTART_PRICES)
+def _kiosk_error(
+    name: str, profile: str = "token-kiosk", policy: Policy | None = None
+) -> tuple[Gateway, openai.APIStatusError]:
+    """The unknown model has no price: ``allow_unpriced`` lets it reach the gateway (else it is refused locally)."""
+    policy = policy or Policy(allow_unpriced=True)
+    gw = Gateway(
+        KIOSK_URL, profile=profile, api_key=API_KEY, ledger="memory://", prices=QUICKSTART_PRICES, policy=policy
+    )
     body: dict[str, Any] = {"model": FLASH, "messages": [{"role": "user", "content": "Hello!"}]}
     if name == "validation_error_thinking":
         body["reasoning_effort"] = "low"
@@ -471,11 +495,35 @@ def test_error_table_maps_to_typed_errors_and_charges_nothing(
     assert vcr.all_played
 
 
+@pytest.mark.parametrize("profile", ["plain", "token-kiosk"])
+@uses_cassette("token_kiosk/errors/validation_error_unknown_model")
+def test_an_unpriced_model_under_the_default_cap_is_refused_before_the_call(profile: str, wire: WireLog) -> None:
+    """A metered gateway under a cap (here the default $10 a day): a model without a known price is refused locally,
+    after one look at the catalog (``GET /models``, unanswered here), and the chat is never sent."""
+    gw, exc = _kiosk_error("validation_error_unknown_model", profile=profile, policy=Policy())
+    assert exc.status_code == 402
+    refusal = refusal_from_error(exc)
+    assert refusal is not None
+    assert refusal.code == "price_unknown"
+    assert [(s.method, s.path) for s in wire.sent] == [("GET", "/v1/models")]
+    receipt = gw.last_receipt
+    assert receipt is not None
+    assert (receipt.status, receipt.cost, receipt.reserved, receipt.payment) == (402, 0, 0, None)
+
+
+@uses_cassette("token_kiosk/errors/validation_error_unknown_model")
+def test_an_unpriced_model_without_any_cap_reaches_the_gateway(wire: WireLog) -> None:
+    """An explicit ``None`` lifts the default daily cap: with no cap to bind, the unpriced call is sent."""
+    _, exc = _kiosk_error("validation_error_unknown_model", profile="plain", policy=Policy(daily_cap_usd=None))
+    assert isinstance(exc, openai.BadRequestError)
+    assert [(s.method, s.path) for s in wire.sent] == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
+
+
 @uses_cassette("token_kiosk/errors/insufficient_balance")
 def test_insufficient_balance_tops_up_only_within_the_policy(wallet: Wallet, wire: WireLog, vcr: Any) -> None:
     """Billing: 'A 402 with {"error":"INSUFFICIENT_BALANCE"} means top up'. A top-up above the policy's limit is
     refused before anything is signed, and the caller gets llm402's typed refusal."""
-    gw = kiosk(wallet, api_key=API_KEY, policy=Policy(topup_max_usd="0.50"))
+    gw = kiosk(wallet, api_key=API_KEY, policy=Policy(topup_max_usd="0.50"), prices=QUICKSTART_PRICES)
     with pytest.raises(openai.APIStatusError) as info:
         client_for(gw).chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "Hello!"}])
     refusal = refusal_from_error(info.value)
@@ -524,7 +572,7 @@ def test_revoking_an_unknown_key_is_the_documented_404(wallet: Wallet) -> None:
 
 @uses_cassette("token_kiosk/errors/unauthorized")
 def test_a_rejected_key_on_the_kiosk_profile_names_the_fix(wire: WireLog) -> None:
-    gw = kiosk(api_key=API_KEY)
+    gw = kiosk(api_key=API_KEY, prices=QUICKSTART_PRICES)
     with pytest.raises(openai.AuthenticationError) as info:
         client_for(gw).chat.completions.create(model=FLASH, messages=[{"role": "user", "content": "Hello!"}])
     assert info.value.response.json()["error"]["code"] == "api_key_rejected"
