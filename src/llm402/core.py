@@ -897,54 +897,85 @@ def topup_flow(
         if join_in_flight:
             return None
         raise PolicyRefusal("another top-up for this wallet was in flight; try again", code="topup_refused")
-    url = cfg.base_url + credit.topup_path
     started = cfg.clock()
-    payment: SignedPayment | None = None
-
-    def receipt(status: int | None, error: str | None, settlement: Settlement | None = None) -> Receipt:
-        return Receipt(
-            call_id=cfg.new_id(),
-            agent=cfg.agent,
-            intent=cfg.intent,
-            gateway=_origin(url),
-            method="POST",
-            path=credit.topup_path,
-            model=None,
-            status=status,
-            streamed=False,
-            started_at=started,
-            latency_ms=round((cfg.clock() - started) * 1000, 3),
-            cost=0 if payment is None or (status is not None and not 200 <= status < 300) else payment.amount,
-            reserved=amount,
-            payment=None if payment is None else _as_topup(_payment_record(payment, settlement, reused=False)),
-            error=error,
-        )
-
-    body = topup_body(amount)
-    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    bought: list[SignedPayment] = []  # the top-up's payment, once signed
     try:
-        head = yield Send(headers, body, method="POST", url=url, read_body=True)
-        if head.status != 402:
-            raise PaymentRequiredError(f"top-up did not ask for payment: {_reason(head)}", code="topup_failed")
-        chosen = _choose(head, url, cfg.policy.model_copy(update={"max_payment_usd": atomic_to_usd(amount)}))
-        if chosen is None:
-            raise PaymentRequiredError(f"top-up answered an unreadable 402: {_reason(head)}", code="topup_failed")
-        payment = yield from _authorize(cfg, *chosen, url, None, "topup")
-        yield Expose(lease, payment.amount, payment.valid_before)
-        head = yield Send({**headers, payment.header_name: payment.header_value}, body, "POST", url, read_body=True)
+        head = yield from _pay_topup(cfg, credit, lease, amount, bought)
     except BaseException as exc:
         if isinstance(exc, GeneratorExit):
             raise
         # a signed top-up whose answer was lost counts as spent (it may have settled)
-        yield Finish(lease, 0 if payment is None else payment.amount, receipt(None, type(exc).__name__))
+        lost = _topup_receipt(cfg, credit, started, amount, bought, None, type(exc).__name__)
+        yield Finish(lease, lost.cost, lost)
         raise
     ok = 200 <= head.status < 300
-    done = receipt(head.status, None if ok else f"http_{head.status}", decode_settlement(head.headers))
+    done = _topup_receipt(
+        cfg,
+        credit,
+        started,
+        amount,
+        bought,
+        head.status,
+        None if ok else f"http_{head.status}",
+        decode_settlement(head.headers),
+    )
     # a top-up the gateway took is spent; a refused one stays counted as exposure until it expires
-    yield Finish(lease, payment.amount if ok else 0, done)
+    yield Finish(lease, done.cost, done)
     if not ok:
-        raise PaymentRejected(f"the gateway refused the top-up payment: {_reason(head)}", amount=payment.amount)
+        raise PaymentRejected(f"the gateway refused the top-up payment: {_reason(head)}", amount=bought[0].amount)
     return done
+
+
+def _pay_topup(
+    cfg: FlowConfig, credit: CreditProfile, lease: str, amount: int, bought: list[SignedPayment]
+) -> Generator[Effect, Any, Head]:
+    """Ask for ``amount`` of credit, pay the 402 (never more than ``amount``), and return the paid answer."""
+    url = cfg.base_url + credit.topup_path
+    body = topup_body(amount)
+    headers = {"content-type": "application/json", "accept-encoding": "identity"}
+    head: Head = yield Send(headers, body, method="POST", url=url, read_body=True)
+    if head.status != 402:
+        raise PaymentRequiredError(f"top-up did not ask for payment: {_reason(head)}", code="topup_failed")
+    chosen = _choose(head, url, cfg.policy.model_copy(update={"max_payment_usd": atomic_to_usd(amount)}))
+    if chosen is None:
+        raise PaymentRequiredError(f"top-up answered an unreadable 402: {_reason(head)}", code="topup_failed")
+    payment = yield from _authorize(cfg, *chosen, url, None, "topup")
+    bought.append(payment)
+    yield Expose(lease, payment.amount, payment.valid_before)
+    paid: Head = yield Send({**headers, payment.header_name: payment.header_value}, body, "POST", url, read_body=True)
+    return paid
+
+
+def _topup_receipt(
+    cfg: FlowConfig,
+    credit: CreditProfile,
+    started: float,
+    amount: int,
+    bought: list[SignedPayment],
+    status: int | None,
+    error: str | None,
+    settlement: Settlement | None = None,
+) -> Receipt:
+    """A top-up's receipt: its cost is the payment, unless the gateway answered and refused it."""
+    payment = bought[0] if bought else None
+    refused = status is not None and not 200 <= status < 300
+    return Receipt(
+        call_id=cfg.new_id(),
+        agent=cfg.agent,
+        intent=cfg.intent,
+        gateway=_origin(cfg.base_url),
+        method="POST",
+        path=credit.topup_path,
+        model=None,
+        status=status,
+        streamed=False,
+        started_at=started,
+        latency_ms=round((cfg.clock() - started) * 1000, 3),
+        cost=0 if payment is None or refused else payment.amount,
+        reserved=amount,
+        payment=None if payment is None else _as_topup(_payment_record(payment, settlement, reused=False)),
+        error=error,
+    )
 
 
 # --- one call ------------------------------------------------------------------------------------------------
@@ -1169,25 +1200,7 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
     settlement = _own_settlement(payment, decode_settlement(head.headers))
     shown = settlement is not None and (settlement.success or settlement.transaction is not None)
     if shown or any(word in reason for word in _SETTLED_REASONS):
-        transaction = settlement.transaction if settlement is not None else None
-        cfg.payments.mark_settled(call.fingerprint, transaction)
-        entry = cfg.payments.reusable(call.fingerprint, st.started)
-        transaction = transaction or (entry.transaction if entry is not None else None)
-        paid_by = entry.call_id if entry is not None else st.call_id
-        cost = 0 if st.reused else charged(payment, settlement if settlement and settlement.success else None)
-        raise _Refused(
-            PaidAnswerLost(
-                f"the gateway shows this call's payment of {format_usd(payment.amount)} as settled "
-                f"(transaction {transaction or 'not given'}) but answered 402 ({reason}); the answer was lost and "
-                "retrying re-sends the same payment, never a second one",
-                gateway_reason=reason,
-                transaction=transaction,
-                paid_call_id=paid_by,
-                amount=payment.amount,
-            ),
-            cost=cost,
-            settlement=settlement,
-        )
+        raise _settled_refusal(cfg, call, st, reason, settlement)
     cfg.payments.mark_unknown(call.fingerprint)  # it may still settle: a retry re-sends it, never signs another
     if st.reused:
         raise _Refused(
@@ -1203,6 +1216,33 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
             gateway_reason=reason,
             amount=payment.amount,
         )
+    )
+
+
+def _settled_refusal(
+    cfg: FlowConfig, call: CallRequest, st: CallState, reason: str, settlement: Settlement | None
+) -> _Refused:
+    """The gateway shows the payment settled but gave no answer: `PaidAnswerLost`, counting what moved."""
+    payment = st.payment
+    assert payment is not None
+    transaction = settlement.transaction if settlement is not None else None
+    cfg.payments.mark_settled(call.fingerprint, transaction)
+    entry = cfg.payments.reusable(call.fingerprint, st.started)
+    transaction = transaction or (entry.transaction if entry is not None else None)
+    paid_by = entry.call_id if entry is not None else st.call_id
+    cost = 0 if st.reused else charged(payment, settlement if settlement and settlement.success else None)
+    return _Refused(
+        PaidAnswerLost(
+            f"the gateway shows this call's payment of {format_usd(payment.amount)} as settled "
+            f"(transaction {transaction or 'not given'}) but answered 402 ({reason}); the answer was lost and "
+            "retrying re-sends the same payment, never a second one",
+            gateway_reason=reason,
+            transaction=transaction,
+            paid_call_id=paid_by,
+            amount=payment.amount,
+        ),
+        cost=cost,
+        settlement=settlement,
     )
 
 
