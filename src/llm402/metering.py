@@ -7,12 +7,20 @@ dropped (events are forwarded whole, as soon as their blank line arrives).
 A stream paid with x402 ``upto`` is settled after its content; such a gateway may report the settlement in an SSE
 comment before ``[DONE]``: ``: payment-response <base64 JSON>`` (the ``PAYMENT-RESPONSE`` header's value). SSE
 clients ignore comments; the meter keeps the value in `UsageMeter.settlement`.
+
+A gzip or deflate body (sent despite ``accept-encoding: identity``) is inflated to be read, within a bound, so a gzip
+bomb costs the meter no more than a few MiB of work: a non-streamed answer is inflated up to `MAX_JSON_BYTES` (past
+that, its usage would not be read anyway), a stream up to `MAX_INFLATED_BYTES` or `MAX_INFLATE_RATIO` times the
+compressed bytes seen, whichever is more (a real SSE stream compresses some 5-20 times; a bomb, a thousand). Past the
+bound the meter stops inflating and reads nothing more: the call is counted by its reservation (``usage`` is None).
+The caller still gets every byte, unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import zlib
 from collections.abc import Mapping
@@ -20,7 +28,13 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+log = logging.getLogger("llm402")
+
 MAX_JSON_BYTES = 8 * 1024 * 1024
+"""The most of a body the meter keeps to read usage from: a non-streamed answer, or one SSE event."""
+MAX_INFLATED_BYTES = 16 * 1024 * 1024
+"""A compressed stream is inflated up to this, or up to `MAX_INFLATE_RATIO` times its compressed size if more."""
+MAX_INFLATE_RATIO = 32
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _EVENT_TAILS = (b"\n\n", b"\n\r\n")
 _USAGE_OBJECT = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{')  # a literal prefix: searched fast
@@ -119,6 +133,8 @@ class UsageMeter:
         self.settlement: str | None = None
         """The base64 settlement report of a ``: payment-response`` comment, when the stream carried one."""
         self.bytes_seen = 0
+        self.bytes_inflated = 0
+        """How much the meter inflated of a gzip/deflate body (bounded: see the module's docstring)."""
         encoding = (content_encoding or "").lower().strip()
         self._inflate = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
         self._opaque = encoding not in ("", "identity", "gzip", "deflate", "x-gzip")
@@ -137,10 +153,15 @@ class UsageMeter:
             return chunk
         data = chunk
         if self._inflate is not None:
+            room = self._inflate_room()
             try:
-                data = self._inflate.decompress(chunk)
+                data = self._inflate.decompress(chunk, room) if room > 0 else b""
             except zlib.error:
                 self._opaque = True
+                return chunk
+            self.bytes_inflated += len(data)
+            if room <= 0 or self._inflate.unconsumed_tail:  # the bound is reached: stop reading this body
+                self._give_up()
                 return chunk
         if not self.streaming:
             self._size += len(data)
@@ -171,6 +192,28 @@ class UsageMeter:
         out = bytearray()
         self._drain_events(out)
         return bytes(out)
+
+    def _inflate_room(self) -> int:
+        """How many more bytes the meter may inflate."""
+        if not self.streaming:
+            limit = MAX_JSON_BYTES + 1  # one byte more than is kept: enough to know the body overflows
+        else:
+            limit = max(MAX_INFLATED_BYTES, MAX_INFLATE_RATIO * self.bytes_seen)
+        return limit - self.bytes_inflated
+
+    def _give_up(self) -> None:
+        """Stop reading a body that inflates past the bound: pass the rest through, report no usage."""
+        log.warning(
+            "llm402: a compressed response inflates past %d bytes from %d; not metered, counted by its reservation",
+            self.bytes_inflated,
+            self.bytes_seen,
+        )
+        self._inflate = None
+        self._opaque = True
+        self._overflow = True
+        self.usage = None
+        self._parts.clear()
+        self._buffer.clear()
 
     def finish(self) -> bytes:
         """End of body: parse what is left; return any held bytes still owed to the caller."""
