@@ -57,7 +57,7 @@ def test_settled_then_failed_is_not_paid_twice(
     steps = [(x["route"], x["status"], x["error"], x["paid"], x["resend"]) for x in tried(receipt)]
     assert steps == [
         ("A", 500, "http_500", True, False),  # paid, settled, answer lost
-        ("A", 402, "payment_outcome_unknown", False, True),  # the same payment again: the gateway saw it settled
+        ("A", 402, "paid_answer_lost", False, True),  # the same payment again: the gateway shows it settled
         ("B", 200, None, True, False),  # B pays its own price
     ]
     assert a.stats(wallet.address)["signatures_seen"] == 1 and a.stats(wallet.address)["settled"] == 1
@@ -79,10 +79,10 @@ def test_timeout_after_payment_resends_once_then_falls_back(
     assert receipt is not None
     assert [(x["route"], x["error"]) for x in tried(receipt)] == [
         ("A", "ReadTimeout"),
-        ("A", "payment_outcome_unknown"),
+        ("A", "paid_answer_lost"),  # the one authorization re-sent: A shows it settled, nothing is signed again
         ("B", None),
     ]
-    assert a.stats(wallet.address)["signatures_seen"] == 1
+    assert a.stats(wallet.address)["signatures_seen"] == 1 and a.stats(wallet.address)["settled"] == 1
     assert receipt.cost == ledger_total(ledger) == a.charged(wallet.address) + b.charged(wallet.address)
 
 
@@ -117,11 +117,11 @@ def test_stream_failing_before_its_first_chunk_falls_back(
     assert receipt is not None and receipt.route == "C" and receipt.streamed
     assert [(x["route"], x["error"]) for x in tried(receipt)] == [
         ("A", "RemoteProtocolError"),
-        ("A", "payment_outcome_unknown"),
+        ("A", "paid_answer_lost"),  # re-sent once: A shows the payment settled
         ("B", "http_502"),
         ("C", None),
     ]
-    assert a.stats(wallet.address)["signatures_seen"] == 1
+    assert a.stats(wallet.address)["signatures_seen"] == 1 and a.stats(wallet.address)["settled"] == 1
     assert b.stats(wallet.address)["signatures_seen"] == 0
     charged = sum(s.charged(wallet.address) for s in (a, b, c))
     assert receipt.cost == ledger_total(ledger) == charged

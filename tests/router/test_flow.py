@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from tenacity import stop_after_attempt, wait_fixed
 
 from llm402 import Gateway, Policy, Wallet
@@ -94,10 +95,11 @@ def test_the_requests_own_fault_is_given_back_as_it_came() -> None:
     assert ("x-should-retry", "false") in end.headers and (ROUTE_HEADER, "A") in end.headers
 
 
-def test_a_payment_whose_answer_was_lost_is_resent_once_on_the_same_route_then_moves_on() -> None:
+@pytest.mark.parametrize("code", ["paid_answer_lost", "payment_outcome_unknown"])  # settled shown, or not
+def test_a_payment_whose_answer_was_lost_is_resent_once_on_the_same_route_then_moves_on(code: str) -> None:
     plan, flow, _ = start(make_router())
     assert flow.send(lost(receipt=receipt(paid=True))) == Try(0, resend=True)
-    assert flow.send(answer(402, receipt=receipt("payment_outcome_unknown"))) == Try(1)
+    assert flow.send(answer(402, receipt=receipt(code))) == Try(1)
     assert plan.paid
 
 
