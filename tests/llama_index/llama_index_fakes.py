@@ -66,7 +66,9 @@ class FakeGateway:
             if signature in self.settled:
                 return httpx.Response(402, json={"error": "nonce already used"})
             self.settled[signature] = AMOUNTS.get(model, 2_000)
-        settlement = {"success": True, "transaction": "0x" + "cd" * 32, "network": "eip155:84532"}
+        # the x402 settlement report names the payer (llm402 ignores one that does not) and the network
+        payer = json.loads(base64.b64decode(signature))["payload"]["authorization"]["from"]
+        settlement = {"success": True, "transaction": "0x" + "cd" * 32, "network": "eip155:84532", "payer": payer}
         headers = {"PAYMENT-RESPONSE": _b64(settlement)}
         if fault == "fail_after_settle":
             return httpx.Response(500, json={"error": {"message": "upstream failed"}}, headers=headers)
