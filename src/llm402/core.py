@@ -23,7 +23,7 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from .approval import Approval, PaymentProposal, external_payment
@@ -74,6 +74,20 @@ TESTNET_CHAIN_IDS = frozenset({84532, 11155111, 421614, 11155420, 80002, 43113, 
 
 # --- what the flow asks for ---------------------------------------------------------------------------------
 
+R = TypeVar("R")
+
+
+class Asks(Generic[R]):
+    """An effect whose performer answers with an ``R`` (effects that are not `Asks` are answered with ``None``)."""
+
+    __slots__ = ()
+
+
+def ask(effect: Asks[R]) -> Generator[Effect, Any, R]:
+    """Yield ``effect`` and return its typed answer: ``head = yield from ask(Send(...))``."""
+    reply = yield effect  # type: ignore[misc]
+    return cast(R, reply)
+
 
 @dataclass(frozen=True, slots=True)
 class Head:
@@ -114,7 +128,7 @@ class Grow:
 
 
 @dataclass(frozen=True, slots=True)
-class Sign:
+class Sign(Asks[SignedPayment]):
     """Sign the chosen requirement (may raise `SignerError`)."""
 
     challenge: Challenge
@@ -132,7 +146,7 @@ class Expose:
 
 
 @dataclass(frozen=True, slots=True)
-class Send:
+class Send(Asks[Head]):
     """Send the caller's request with these headers set and this body; the result is a `Head`.
 
     With ``url`` set it is a request of llm402's own (a credit top-up, a key mint): only ``headers`` are sent.
@@ -147,7 +161,7 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
-class SignMessage:
+class SignMessage(Asks[str]):
     """Sign an EIP-191 message (SIWE); the result is the 0x-hex signature."""
 
     text: str
@@ -161,14 +175,14 @@ class StoreKey:
 
 
 @dataclass(frozen=True, slots=True)
-class Approve:
+class Approve(Asks["Approval | bool"]):
     """Ask the approver about a payment; the result is an `Approval` (or a bool)."""
 
     proposal: PaymentProposal
 
 
 @dataclass(frozen=True, slots=True)
-class SignIn:
+class SignIn(Asks[Mapping[str, str]]):
     """Answer a 402's sign-in-with-x extension; the result is the headers to add to the replay (maybe none)."""
 
     extensions: Mapping[str, Any]
@@ -177,7 +191,7 @@ class SignIn:
 
 
 @dataclass(frozen=True, slots=True)
-class Remaining:
+class Remaining(Asks[int | None]):
     """How much every cap still admits for this agent today (``None``: no cap); the result is ``int | None``."""
 
     agent: str
@@ -193,7 +207,7 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
-class AwaitRelease:
+class AwaitRelease(Asks[bool]):
     """Wait until the reservation ``call_id`` (another call's key mint or top-up) is gone; the result is ``True``, or
     ``False`` after ``timeout`` seconds."""
 
@@ -209,7 +223,7 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
-class CurrentKey:
+class CurrentKey(Asks[str | None]):
     """The credit gateway's API key in use (minted earlier, here or by another process); the result: ``str | None``."""
 
 
@@ -219,7 +233,46 @@ class LoadPrices:
 
 
 @dataclass(frozen=True, slots=True)
-class Deliver:
+class NotePayment:
+    """Update what the engine remembers of the payment for a request fingerprint (its `PaymentMemory`): ``signed``
+    (with ``payment``, ``call_id``, ``now``), ``unknown`` (resendable), ``settled`` (with ``transaction``) or
+    ``answered`` (forgotten)."""
+
+    fingerprint: str
+    state: Literal["signed", "unknown", "settled", "answered"]
+    payment: SignedPayment | None = None
+    call_id: str = ""
+    now: float = 0.0
+    transaction: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeepQuote:
+    """Remember what a request shape cost, for one-round-trip payments."""
+
+    key: tuple[Any, ...]
+    challenge: Challenge
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAnswer:
+    """Keep a deterministic answer in the response cache."""
+
+    key: str
+    answer: CachedAnswer
+
+
+@dataclass(frozen=True, slots=True)
+class KeepSignedIn:
+    """This wallet paid a gateway that offers sign-in-with-x: next time try the proof alone first."""
+
+    origin: str
+    payer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Asks[StreamEnd]):
     """Hand the last response to the caller with these headers added, metering its body; resumes with `StreamEnd`."""
 
     headers: Mapping[str, str]
@@ -277,6 +330,10 @@ Effect = (
     | Release
     | CurrentKey
     | LoadPrices
+    | NotePayment
+    | KeepQuote
+    | KeepAnswer
+    | KeepSignedIn
 )
 
 
@@ -413,10 +470,7 @@ class PaymentMemory:
             entry = self._entries.get(fingerprint)
             if entry is None or not entry.resendable:
                 return None
-            if entry.payment.valid_before <= now:
-                del self._entries[fingerprint]
-                return None
-            return entry
+            return entry if entry.payment.valid_before > now else None
 
 
 class QuoteMemory:
@@ -541,7 +595,7 @@ class FlowConfig:
     identity_headers: Mapping[str, str] = field(default_factory=dict)
     """Who calls and why (``llm402-agent``, ``llm402-intent``), sent with every request."""
     policy_source: Callable[[], Policy] | None = None
-    """A live policy (e.g. an on-chain source's ``current``): read into ``policy`` at the start of every call."""
+    """A live policy (e.g. an on-chain source's ``current``): the engine reads it into ``policy`` before every call."""
     _caps: tuple[Policy, Caps] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -765,7 +819,7 @@ def _authorize(
     """Ask the approver (when one is set), then sign, or take the payment header the approver supplied."""
     if cfg.approver:
         proposal = PaymentProposal(kind, cfg.agent, cfg.intent, url, model, challenge.dialect, requirement)
-        decision = yield Approve(proposal)
+        decision = yield from ask(Approve(proposal))
         if decision is False or (isinstance(decision, Approval) and decision.decision == "deny"):
             reason = decision.reason if isinstance(decision, Approval) else None
             raise PolicyRefusal(
@@ -775,7 +829,7 @@ def _authorize(
             )
         if isinstance(decision, Approval) and decision.decision == "external" and decision.header_value:
             return external_payment(proposal, decision.header_value)
-    payment: SignedPayment = yield Sign(challenge, requirement, url)
+    payment = yield from ask(Sign(challenge, requirement, url))
     return payment
 
 
@@ -796,7 +850,7 @@ def _lease(cfg: FlowConfig, kind: str, amount: int, caps: Caps) -> Generator[Eff
     try:
         yield Reserve(hold, caps)
     except ReservationHeld:
-        finished = yield AwaitRelease(lease, LEASE_WAIT_SECONDS)
+        finished = yield from ask(AwaitRelease(lease, LEASE_WAIT_SECONDS))
         if not finished:
             raise _Refused(
                 InsufficientBalance(f"another {kind} for this wallet did not finish in {LEASE_WAIT_SECONDS:.0f}s")
@@ -811,19 +865,19 @@ def _day(timestamp: float) -> str:
 
 def _api_key(cfg: FlowConfig, credit: CreditProfile) -> Generator[Effect, Any, str | None]:
     """The credit gateway's API key: the one in use, else one minted now (one mint at a time per wallet)."""
-    key: str | None = yield CurrentKey()
+    key = yield from ask(CurrentKey())
     if key is not None or not cfg.mint_keys:
         return key
     lease = yield from _lease(cfg, "mint", 0, Caps())
     if lease is None:  # another call minted meanwhile
-        key = yield CurrentKey()
+        key = yield from ask(CurrentKey())
         if key is not None:
             return key
         lease = yield from _lease(cfg, "mint", 0, Caps())
         if lease is None:
             raise _Refused(PaymentRequiredError("could not mint an API key", code="key_mint_failed"))
     try:
-        key = yield CurrentKey()
+        key = yield from ask(CurrentKey())
         if key is None:
             key = yield from _mint_key(cfg, credit)
             yield StoreKey(key)
@@ -838,12 +892,14 @@ def _mint_key(cfg: FlowConfig, credit: CreditProfile) -> Generator[Effect, Any, 
         raise PolicyRefusal("minting an API key needs a wallet", code="no_wallet")
     chain_id = credit.chain_id
     if chain_id is None:  # the gateway's chain, as its top-up 402 presents it
-        probe = yield Send(
-            {"content-type": "application/json"},
-            topup_body(credit.min_topup),
-            method="POST",
-            url=cfg.base_url + credit.topup_path,
-            read_body=True,
+        probe = yield from ask(
+            Send(
+                {"content-type": "application/json"},
+                topup_body(credit.min_topup),
+                method="POST",
+                url=cfg.base_url + credit.topup_path,
+                read_body=True,
+            )
         )
         challenge = parse_challenge(probe.headers, probe.body or b"") if probe.status == 402 else None
         if challenge is None:
@@ -854,13 +910,15 @@ def _mint_key(cfg: FlowConfig, credit: CreditProfile) -> Generator[Effect, Any, 
             )
         chain_id = int(challenge.requirements[0].network.split(":", 1)[1])
     text = siwe_message(cfg.payer, cfg.base_url + credit.keys_path, chain_id, credit.statement)
-    signature: str = yield SignMessage(text)
-    head = yield Send(
-        {"content-type": "application/json"},
-        _json_body({"message": text, "signature": signature, "label": f"llm402 {cfg.agent}"[:64]}),
-        method="POST",
-        url=cfg.base_url + credit.keys_path,
-        read_body=True,
+    signature = yield from ask(SignMessage(text))
+    head = yield from ask(
+        Send(
+            {"content-type": "application/json"},
+            _json_body({"message": text, "signature": signature, "label": f"llm402 {cfg.agent}"[:64]}),
+            method="POST",
+            url=cfg.base_url + credit.keys_path,
+            read_body=True,
+        )
     )
     key = _read_json(head).get("key")
     if not (200 <= head.status < 300) or not isinstance(key, str):
@@ -933,7 +991,7 @@ def _pay_topup(
     url = cfg.base_url + credit.topup_path
     body = topup_body(amount)
     headers = {"content-type": "application/json", "accept-encoding": "identity"}
-    head: Head = yield Send(headers, body, method="POST", url=url, read_body=True)
+    head = yield from ask(Send(headers, body, method="POST", url=url, read_body=True))
     if head.status != 402:
         raise PaymentRequiredError(f"top-up did not ask for payment: {_reason(head)}", code="topup_failed")
     chosen = _choose(head, url, cfg.policy.model_copy(update={"max_payment_usd": atomic_to_usd(amount)}))
@@ -942,7 +1000,9 @@ def _pay_topup(
     payment = yield from _authorize(cfg, *chosen, url, None, "topup")
     bought.append(payment)
     yield Expose(lease, payment.amount, payment.valid_before)
-    paid: Head = yield Send({**headers, payment.header_name: payment.header_value}, body, "POST", url, read_body=True)
+    paid = yield from ask(
+        Send({**headers, payment.header_name: payment.header_value}, body, "POST", url, read_body=True)
+    )
     return paid
 
 
@@ -1022,8 +1082,6 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
 
 def _gate(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect, Any, CachedAnswer | None]:
     """Before any traffic: the policy (intent, model), a known price under a cap, and the response cache."""
-    if cfg.policy_source is not None:
-        cfg.policy = cfg.policy_source()
     cfg.policy.check_call(cfg.intent, call.model)
     if cfg.metered and call.model is not None and cfg.prices.lookup(call.model) is None:
         yield LoadPrices()  # the engine fetches the gateway's catalog (once, then on a schedule)
@@ -1061,12 +1119,12 @@ def _send(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect
     """Send the call as it stands; an attempt that ends without an answer is finished (a payment it carried counts as
     spent and stays resendable) and the error goes on to the caller."""
     try:
-        head: Head = yield Send(st.headers, st.body)
+        head = yield from ask(Send(st.headers, st.body))
     except BaseException as exc:
         if isinstance(exc, GeneratorExit):
             raise
         if st.payment is not None:
-            cfg.payments.mark_unknown(call.fingerprint)
+            yield NotePayment(call.fingerprint, "unknown")
         cost = st.cost_if_lost
         yield Finish(st.call_id, cost, _receipt(cfg, call, st, status=None, error=type(exc).__name__, cost=cost))
         raise
@@ -1084,7 +1142,7 @@ def _negotiate(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[E
         yield from _prepay(cfg, call, st)
     head = yield from _send(cfg, call, st)
     if st.payment is not None:  # a retry's payment, or one sent up front: never paid again
-        _check_paid_answer(cfg, call, st, head)
+        yield from _check_paid_answer(cfg, call, st, head)
         return head
     if head.status == 402 and credit is not None and _error_code(head) in credit.insufficient_codes:
         head = yield from _top_up_and_replay(cfg, call, st, credit)
@@ -1125,7 +1183,7 @@ def _sign_for(
         st.reserved = requirement.amount
     payment = yield from _authorize(cfg, challenge, requirement, call.url, call.model, "call")
     st.payment = payment
-    cfg.payments.remember(call.fingerprint, payment, st.call_id, st.started)
+    yield NotePayment(call.fingerprint, "signed", payment, st.call_id, st.started)
     yield Expose(st.call_id, payment.amount, payment.valid_before)
     st.headers[payment.header_name] = payment.header_value
 
@@ -1155,7 +1213,7 @@ def _pay_and_replay(cfg: FlowConfig, call: CallRequest, st: CallState, head: Hea
     offers_siwx = bool(challenge.extensions and SIGN_IN_WITH_X in challenge.extensions)
     if offers_siwx and (call.origin, cfg.payer) in cfg.signed_in:
         # this wallet paid here before: the proof alone may be enough (as the reference client does); pay only if not
-        proof: Mapping[str, str] = yield SignIn(dict(challenge.extensions or {}), call.url, requirement.network)
+        proof = yield from ask(SignIn(dict(challenge.extensions or {}), call.url, requirement.network))
         if proof:
             head = yield from _send(cfg, call, replace(st, headers={**st.headers, **proof}))
             if head.status != 402:
@@ -1166,18 +1224,18 @@ def _pay_and_replay(cfg: FlowConfig, call: CallRequest, st: CallState, head: Hea
             challenge, requirement = chosen
     yield from _sign_for(cfg, call, st, challenge, requirement)
     if cfg.policy.one_round_trip:
-        cfg.quotes.put(quote_key(call), challenge, st.started)
+        yield KeepQuote(quote_key(call), challenge, st.started)
     head = yield from _send(cfg, call, st)
-    _check_paid_answer(cfg, call, st, head)
+    yield from _check_paid_answer(cfg, call, st, head)
     if offers_siwx and 200 <= head.status < 300 and cfg.payer is not None:
-        cfg.signed_in.add((call.origin, cfg.payer))
+        yield KeepSignedIn(call.origin, cfg.payer)
     return head
 
 
 _SETTLED_REASONS = ("nonce_already_used", "already_used", "already_settled", "settlement_pending")
 
 
-def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> None:
+def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> Generator[Effect, Any, None]:
     """After a request that carried a payment: a 3xx is not followed and a 402 is not paid again. Raises `_Refused`
     with what the payment counts: all of it when it may have moved, none for a retry (an earlier attempt counted it)."""
     payment = st.payment
@@ -1187,7 +1245,7 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
         return
     reason = _reason(head)
     if redirected:
-        cfg.payments.mark_unknown(call.fingerprint)
+        yield NotePayment(call.fingerprint, "unknown")
         raise _Refused(
             PaymentRejected(
                 "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere",
@@ -1200,8 +1258,8 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
     settlement = _own_settlement(payment, decode_settlement(head.headers))
     shown = settlement is not None and (settlement.success or settlement.transaction is not None)
     if shown or any(word in reason for word in _SETTLED_REASONS):
-        raise _settled_refusal(cfg, call, st, reason, settlement)
-    cfg.payments.mark_unknown(call.fingerprint)  # it may still settle: a retry re-sends it, never signs another
+        raise (yield from _settled_refusal(cfg, call, st, reason, settlement))
+    yield NotePayment(call.fingerprint, "unknown")  # it may still settle: a retry re-sends it, never signs another
     if st.reused:
         raise _Refused(
             PaymentOutcomeUnknown(
@@ -1221,12 +1279,12 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
 
 def _settled_refusal(
     cfg: FlowConfig, call: CallRequest, st: CallState, reason: str, settlement: Settlement | None
-) -> _Refused:
+) -> Generator[Effect, Any, _Refused]:
     """The gateway shows the payment settled but gave no answer: `PaidAnswerLost`, counting what moved."""
     payment = st.payment
     assert payment is not None
     transaction = settlement.transaction if settlement is not None else None
-    cfg.payments.mark_settled(call.fingerprint, transaction)
+    yield NotePayment(call.fingerprint, "settled", transaction=transaction)
     entry = cfg.payments.reusable(call.fingerprint, st.started)
     transaction = transaction or (entry.transaction if entry is not None else None)
     paid_by = entry.call_id if entry is not None else st.call_id
@@ -1266,14 +1324,11 @@ def _deliver(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> G
                 extra["llm402-cost-max"] = str(payment.amount)  # an upto stream settles after its last byte
             else:
                 extra["llm402-cost"] = str(charged(payment, settlement))
-    end: StreamEnd = yield Deliver(extra, strip_usage_event=st.usage_injected, deadline_seconds=cfg.max_stream_seconds)
+    end = yield from ask(Deliver(extra, strip_usage_event=st.usage_injected, deadline_seconds=cfg.max_stream_seconds))
     ok = 200 <= head.status < 300
     usage = end.usage
     if payment is not None:
-        if ok and not end.aborted:
-            cfg.payments.forget(call.fingerprint)
-        else:
-            cfg.payments.mark_unknown(call.fingerprint)
+        yield NotePayment(call.fingerprint, "answered" if ok and not end.aborted else "unknown")
         if end.settlement is not None and (settlement is None or not settlement.success):
             settlement = _own_settlement(payment, end.settlement)
         actual = 0 if st.reused else charged(payment, settlement)  # a reused payment was counted when signed
@@ -1284,7 +1339,7 @@ def _deliver(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> G
     if cfg.cache is not None and cfg.cache.cacheable(call) and ok and not end.aborted and end.body is not None:
         kept = tuple((k, v) for k, v in head.headers.items() if k.lower() in ("content-type",))
         tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-        cfg.cache.put(_cache_key(cfg, call), CachedAnswer(head.status, kept, end.body, actual, *tokens))
+        yield KeepAnswer(_cache_key(cfg, call), CachedAnswer(head.status, kept, end.body, actual, *tokens))
     receipt = _receipt(
         cfg,
         call,

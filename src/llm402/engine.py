@@ -26,7 +26,11 @@ from .core import (
     FlowConfig,
     Grow,
     Head,
+    KeepAnswer,
+    KeepQuote,
+    KeepSignedIn,
     LoadPrices,
+    NotePayment,
     Record,
     Release,
     Remaining,
@@ -100,6 +104,10 @@ class Engine:
             Release: self._release,
             CurrentKey: self._current_key,
             LoadPrices: self._load_prices,
+            NotePayment: self._note_payment,
+            KeepQuote: self._keep_quote,
+            KeepAnswer: self._keep_answer,
+            KeepSignedIn: self._keep_signed_in,
         }
         """Each non-HTTP effect's performer, by its exact type (one dict lookup instead of a chain of isinstance)."""
 
@@ -117,8 +125,11 @@ class Engine:
                 self._listeners = listeners
 
     def flow(self, call: CallRequest) -> Generator[Effect, Any, None]:
-        """A new flow for one request."""
-        return call_flow(self.config, call)
+        """A new flow for one request (under the live policy, when the policy is a live source)."""
+        config = self.config
+        if config.policy_source is not None:
+            config.policy = config.policy_source()
+        return call_flow(config, call)
 
     def perform(self, effect: Effect) -> Any:
         """Carry out a non-HTTP effect."""
@@ -182,6 +193,27 @@ class Engine:
                 continue
             self.ledger.settle(effect.call_id, 0, None)
             return True
+
+    def _note_payment(self, effect: NotePayment) -> None:
+        payments, fingerprint = self.config.payments, effect.fingerprint
+        if effect.state == "signed" and effect.payment is not None:
+            payments.remember(fingerprint, effect.payment, effect.call_id, effect.now)
+        elif effect.state == "unknown":
+            payments.mark_unknown(fingerprint)
+        elif effect.state == "settled":
+            payments.mark_settled(fingerprint, effect.transaction)
+        elif effect.state == "answered":
+            payments.forget(fingerprint)
+
+    def _keep_quote(self, effect: KeepQuote) -> None:
+        self.config.quotes.put(effect.key, effect.challenge, effect.now)
+
+    def _keep_answer(self, effect: KeepAnswer) -> None:
+        if self.config.cache is not None:
+            self.config.cache.put(effect.key, effect.answer)
+
+    def _keep_signed_in(self, effect: KeepSignedIn) -> None:
+        self.config.signed_in.add((effect.origin, effect.payer))
 
     def _release(self, effect: Release) -> None:
         self.ledger.settle(effect.call_id, 0, None)
