@@ -1392,6 +1392,4 @@ def _reason(head: Head) -> str:
             data = err
         if data:
             reasons.append(str(data))
-    if not reasons and head.headers.get("x-sandbox-refusal"):
-        reasons.append(str(head.headers["x-sandbox-refusal"]))
     return "; ".join(dict.fromkeys(r[:200] for r in reasons)) or f"HTTP {head.status}"
