@@ -62,6 +62,36 @@ PRICES_RETRY = 60.0
 LEASE_POLL = 0.05
 
 
+class _ProcessListeners:
+    """Listeners of every gateway's receipts in this process (observability: `llm402.otel.instrument`)."""
+
+    def __init__(self) -> None:
+        self.listeners: tuple[ReceiptListener, ...] = ()  # replaced, never mutated: read without the lock
+        self._lock = threading.Lock()
+
+    def add(self, listener: ReceiptListener) -> None:
+        with self._lock:
+            if listener not in self.listeners:
+                self.listeners = (*self.listeners, listener)
+
+    def remove(self, listener: ReceiptListener) -> None:
+        with self._lock:
+            self.listeners = tuple(x for x in self.listeners if x is not listener)
+
+
+_process = _ProcessListeners()
+
+
+def add_process_listener(listener: ReceiptListener) -> None:
+    """Call ``listener`` with the receipt of every call through any gateway of this process."""
+    _process.add(listener)
+
+
+def remove_process_listener(listener: ReceiptListener) -> None:
+    """Stop calling ``listener``."""
+    _process.remove(listener)
+
+
 class Engine:
     """Runs `call_flow` for one gateway: its config, ledger and signer, and where receipts go."""
 
@@ -280,6 +310,8 @@ class Engine:
             receipt.error,
         )
         listeners = self._listeners  # replaced, never mutated: safe to read without the lock
+        if _process.listeners:
+            listeners = [*listeners, *_process.listeners]
         if not listeners:
             return
         context = delivery_context.get()
