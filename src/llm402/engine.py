@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 
+from .alerts import AlertListener, BudgetAlert, claim, crossed, post_webhook
 from .approval import Approval, Approver
-from .budget.base import Caps, Hold, Ledger
+from .budget.base import Caps, Hold, Ledger, receipt_day
 from .core import (
     Answer,
     Approve,
@@ -117,6 +118,7 @@ class Engine:
         self.signer = signer
         self.last_receipt: Receipt | None = None
         self._listeners: list[ReceiptListener] = []
+        self._alert_listeners: list[AlertListener] = []
         self._lock = threading.Lock()
         self._handlers: dict[type, Callable[[Any], Any]] = {
             Reserve: self._reserve,
@@ -296,6 +298,33 @@ class Engine:
         else:
             self.ledger.record(receipt)
         self._publish(receipt)
+        if self.config.policy.alert_at and effect.actual:
+            self._check_alerts(receipt)
+
+    def add_alert_listener(self, listener: AlertListener) -> None:
+        """Call ``listener`` with each budget alert this process fires."""
+        with self._lock:
+            self._alert_listeners = [*self._alert_listeners, listener]
+
+    def _check_alerts(self, receipt: Receipt) -> None:
+        """Fire each alert threshold a cap has crossed, once per period across every process on this ledger."""
+        config = self.config
+        day = receipt_day(receipt.started_at)
+        totals = self.ledger.totals(config.agent, day)
+        now = config.clock()
+        for alert in crossed(config.agent, day, config.caps(), totals, config.policy.alert_at):
+            if claim(self.ledger, alert, now):
+                self._fire(alert)
+
+    def _fire(self, alert: BudgetAlert) -> None:
+        log.warning("%s", alert.message())
+        for listener in self._alert_listeners:
+            try:
+                listener(alert)
+            except Exception:  # an alert listener must never break a paid call
+                log.exception("llm402 alert listener failed")
+        if self.config.policy.alert_webhook:
+            post_webhook(self.config.policy.alert_webhook, alert)
 
     def _publish(self, receipt: Receipt) -> None:
         self.last_receipt = receipt

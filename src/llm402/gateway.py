@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .alerts import AlertListener
 from .approval import Approver
 from .budget import Ledger, open_ledger
 from .core import CurrentKey, FlowConfig, PaymentMemory, ResponseCache
@@ -249,6 +250,10 @@ class Gateway:
     def on_receipt(self, listener: ReceiptListener) -> None:
         """Call ``listener`` with each receipt as calls finish."""
         self.engine.add_listener(listener)
+
+    def on_alert(self, listener: AlertListener) -> None:
+        """Call ``listener`` with each budget alert (``Policy(alert_at=...)``) this process fires."""
+        self.engine.add_alert_listener(listener)
 
     def close(self) -> None:
         """Close the ledger if this gateway opened it."""

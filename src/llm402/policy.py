@@ -71,9 +71,20 @@ class Policy(BaseModel):
         False, description="under a cap, let calls through to models whose price is unknown (counted as $0)"
     )
     allow_insecure_http: bool = Field(False, description="pay over plain HTTP to a non-loopback host")
+    alert_at: tuple[Decimal, ...] = Field(
+        (), description="fractions of each cap that raise a budget alert once per period, e.g. [0.8, 1]"
+    )
+    alert_webhook: str | None = Field(None, description="URL that receives each budget alert as a JSON POST")
     one_round_trip: bool = Field(
         False, description="send a signed payment with the first request when the price is known"
     )
+
+    @field_validator("alert_at")
+    @classmethod
+    def _fractions(cls, value: tuple[Decimal, ...]) -> tuple[Decimal, ...]:
+        if any(not 0 < v <= 1 for v in value):
+            raise ValueError("alert thresholds are fractions of a cap in (0, 1], e.g. 0.8 for 80%")
+        return tuple(sorted(set(value)))
 
     @field_validator(
         "max_payment_usd",
