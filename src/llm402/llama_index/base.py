@@ -24,7 +24,6 @@ import os
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -39,7 +38,7 @@ from ..errors import ConfigurationError
 from ..gateway import PLACEHOLDER_API_KEY, Gateway
 from ..money import atomic_to_usd
 from ..openai import refusal_from_error
-from ..receipts import Receipt
+from ..receipts import Receipt, payment_view
 from ..wallet import ENV_KEYSTORE, ENV_PRIVATE_KEY, Wallet
 from .events import GatewayPaymentEvent
 
@@ -110,7 +109,7 @@ def cost_fields(receipts: Sequence[Receipt]) -> dict[str, Any]:
     return {
         "cost": f"{atomic_to_usd(cost):f}",
         "cost_micro_usdc": cost,
-        "payment": asdict(payments[-1]) if payments else None,
+        "payment": payment_view(payments[-1]) if payments else None,
         "call_id": receipts[-1].call_id,
     }
 

@@ -11,7 +11,6 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from decimal import Decimal
 from typing import Any
 
@@ -24,7 +23,7 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 
 from ..money import atomic_to_usd
-from ..receipts import Receipt
+from ..receipts import Receipt, payment_view
 
 
 class GatewayPaymentEvent(BaseEvent):
@@ -63,7 +62,7 @@ class GatewayPaymentEvent(BaseEvent):
             streamed=receipt.streamed,
             status=receipt.status,
             error=receipt.error,
-            payment=asdict(receipt.payment) if receipt.payment is not None else None,
+            payment=payment_view(receipt.payment) if receipt.payment is not None else None,
         )
 
     @property
