@@ -2,8 +2,9 @@
 
 ``register(subparsers)`` adds them to the main parser. Every paid command goes through a `Router` on the gateway named
 by ``--base-url`` (``--model a,b`` falls back from a to b, ``--model auto`` takes the cheapest model that fits), pays
-with the wallet from the environment (``LLM402_PRIVATE_KEY``) under the environment's policy, and prints the cost
-from the call's receipt. ``--json`` prints machine-readable output instead.
+with the wallet from the environment (``LLM402_PRIVATE_KEY``) under the policy of ``--policy`` or ``LLM402_POLICY``
+(else the safe defaults), and prints the cost from the call's receipt. ``--json`` prints machine-readable output
+instead. Errors go through the ``llm402`` error boundary (`llm402.cli.run`): one line on stderr, a distinct exit code.
 """
 
 from __future__ import annotations
@@ -22,8 +23,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import ConfigurationError, GatewayError, Llm402Error, gateway_error, refusal_from_envelope
+from .cli import (
+    Interrupted,
+    Parser,
+    gateway_options,
+    load_policy,
+    positive_float,
+    positive_int,
+    run,
+    temperature_arg,
+)
+from .errors import ConfigurationError, GatewayError, gateway_error, refusal_from_envelope
 from .money import atomic_to_usd, format_usd
+from .receipts import receipt_view, usd_string
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -32,7 +44,6 @@ if TYPE_CHECKING:
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
-PROFILES = ["auto", "x402", "token-kiosk", "aisa", "plain"]
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------
@@ -45,6 +56,7 @@ def _gateway(args: argparse.Namespace, *, wallet: bool = True) -> Gateway:
     return Gateway(
         args.base_url,
         wallet=Wallet.from_env() if wallet else None,
+        policy=load_policy(args),
         profile=args.profile,
         ledger=args.ledger if wallet else "memory://",
         agent=args.agent,
@@ -113,21 +125,46 @@ def _raise_for(response: httpx.Response) -> None:
 
 def _summary(receipt: Receipt | None) -> dict[str, Any]:
     if receipt is None:
-        return {"route": None, "cost": 0, "cost_usd": format_usd(0), "attempts": []}
+        return {"route": None, "cost": 0, "cost_usd": usd_string(0), "attempts": [], "receipt": None}
     return {
         "route": receipt.route,
         "cost": receipt.cost,
-        "cost_usd": format_usd(receipt.cost),
+        "cost_usd": usd_string(receipt.cost),
         "attempts": list(receipt.attempts),
+        "receipt": receipt_view(receipt),
     }
 
 
+def _tokens(usage: dict[str, Any], receipt: Receipt | None) -> tuple[int, int]:
+    """Prompt and completion tokens: the receipt's (metered once the answer ended), else what the answer said."""
+    if receipt is not None and receipt.total_tokens:
+        return receipt.prompt_tokens, receipt.completion_tokens
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
 def _footer(model: str | None, usage: dict[str, Any], receipt: Receipt | None) -> None:
-    tokens = f"{usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens"
+    prompt, completion = _tokens(usage, receipt)
+    tokens = f"{prompt}+{completion} tokens"
     cost = format_usd(receipt.cost) if receipt else "?"
     tried = sum(1 for a in receipt.attempts if not a.get("skipped")) if receipt else 0
     more = f" after {tried} attempts" if tried > 1 else ""
-    err.print(f"[dim]{model} · {tokens} · {cost}{more}[/]")
+    err.print(f"[dim]{escape(str(model))} · {tokens} · {cost}{more}[/]", soft_wrap=True)
+
+
+def _interrupted(router: Router) -> Interrupted:
+    """Ctrl-C during a call: what it cost so far (the receipt is published once the stream is closed)."""
+    receipt = router.last_receipt
+    if receipt is None:
+        return Interrupted("interrupted before the call finished (see `llm402 receipts` for what it cost)")
+    prompt, completion = receipt.prompt_tokens, receipt.completion_tokens
+    return Interrupted(
+        f"interrupted: this call cost {format_usd(receipt.cost)} so far ({receipt.model or 'no model'}, "
+        f"{prompt}+{completion} tokens)",
+        cost=receipt.cost,
+        cost_usd=usd_string(receipt.cost),
+        call_id=receipt.call_id,
+        model=receipt.model,
+    )
 
 
 def _sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
@@ -160,7 +197,10 @@ def _complete(args: argparse.Namespace, messages: list[dict[str, Any]]) -> int:
         with router.http_client(timeout=args.timeout) as client:
             if getattr(args, "stream", False):
                 return _stream(args, client, url, {**body, "stream": True}, router)
-            response = client.post(url, json=body, headers={"authorization": f"Bearer {router.api_key}"})
+            try:
+                response = client.post(url, json=body, headers={"authorization": f"Bearer {router.api_key}"})
+            except KeyboardInterrupt:
+                raise _interrupted(router) from None
             _raise_for(response)
             data = response.json()
     choice = (data.get("choices") or [{}])[0]
@@ -188,21 +228,26 @@ def _stream(args: argparse.Namespace, client: httpx.Client, url: str, body: dict
     usage: dict[str, Any] = {}
     model: str | None = None
     headers = {"authorization": f"Bearer {router.api_key}"}
-    with client.stream("POST", url, json=body, headers=headers) as response:
-        if not response.is_success:
-            response.read()
-            _raise_for(response)
-        for event in _sse(response.iter_lines()):
-            model = event.get("model") or model
-            usage = event.get("usage") or usage
-            for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    parts.append(text)
-                    if not args.json:
-                        sys.stdout.write(text)
-                        sys.stdout.flush()
-    receipt = router.last_receipt
+    try:
+        with client.stream("POST", url, json=body, headers=headers) as response:
+            if not response.is_success:
+                response.read()
+                _raise_for(response)
+            for event in _sse(response.iter_lines()):
+                model = event.get("model") or model
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        parts.append(text)
+                        if not args.json:
+                            sys.stdout.write(text)
+                            sys.stdout.flush()
+    except KeyboardInterrupt:
+        if parts and not args.json:
+            sys.stdout.write("\n")
+        raise _interrupted(router) from None
+    receipt = router.last_receipt  # read once the stream has ended: its tokens and cost are final
     if args.json:
         print(json.dumps({"model": model, "content": "".join(parts), "usage": usage, **_summary(receipt)}, indent=2))
         return 0
@@ -295,7 +340,7 @@ def _compare(args: argparse.Namespace) -> int:
 
                 rows = compare(gateway, models, messages, max_tokens=args.max_tokens, timeout=args.timeout, on_row=done)
     if args.json:
-        print(json.dumps([row.to_dict() for row in rows], indent=2))
+        print(json.dumps([{**row.to_dict(), "cost_usd": usd_string(row.cost)} for row in rows], indent=2))
         return 0
     out.print(rows_table(rows))
     total = sum(row.cost for row in rows)
@@ -307,65 +352,79 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", required=True, help="the gateway's OpenAI base URL, e.g. https://gw/v1")
-    parser.add_argument("--profile", default="auto", choices=PROFILES)
-    parser.add_argument("--ledger", default=None, help="ledger URL (default: LLM402_LEDGER or ~/.llm402/ledger.db)")
-    parser.add_argument("--agent", default=None)
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    gateway_options(parser)
+    parser.add_argument(
+        "--timeout", type=positive_float, default=120.0, metavar="SECONDS", help="seconds per request (default 120)"
+    )
 
 
 def _asking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=None, metavar="N", help="the most tokens the answer may have"
+    )
+    parser.add_argument(
+        "--temperature", type=temperature_arg, default=None, metavar="T", help="sampling temperature, 0 to 2"
+    )
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _conversation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--message", default=None, help="the user message")
+    parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument(
+        "--messages", default=None, metavar="JSON", help="the conversation so far, a JSON array of {role, content}"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[Any], *, epilog: str | None = None) -> None:
     """Add ``chat``, ``vision``, ``models`` and ``compare`` to the ``llm402`` command."""
-    chat = subparsers.add_parser("chat", help="one paid chat completion (with fallback: --model a,b or auto)")
+    chat = subparsers.add_parser(
+        "chat", help="one paid chat completion (with fallback: --model a,b or auto)", epilog=epilog
+    )
     chat.add_argument("--model", required=True, help="a model, a comma-separated fallback list, or 'auto'")
-    chat.add_argument("--message", default=None, help="the user message")
-    chat.add_argument("--system", default=None, help="a system prompt")
-    chat.add_argument("--messages", default=None, help="the conversation as a JSON array")
+    _conversation(chat)
     chat.add_argument("--stream", action="store_true", help="print the answer as it streams")
     _asking(chat)
     _common(chat)
     chat.set_defaults(run=_chat)
 
-    vision = subparsers.add_parser("vision", help="ask about an image (a URL, or a local file sent as a data: URL)")
+    vision = subparsers.add_parser(
+        "vision", help="ask about an image (a URL, or a local file sent as a data: URL)", epilog=epilog
+    )
     vision.add_argument("--model", required=True, help="a model, a comma-separated fallback list, or 'auto'")
     vision.add_argument("--image", required=True, help="an image URL or a local file")
-    vision.add_argument("--prompt", default="Describe this image.")
+    vision.add_argument("--prompt", default="Describe this image.", help="the question about the image")
     _asking(vision)
     _common(vision)
     vision.set_defaults(run=_vision)
 
-    models = subparsers.add_parser("models", help="the gateway's models with their prices")
+    models = subparsers.add_parser("models", help="the gateway's models with their prices", epilog=epilog)
     _common(models)
     models.set_defaults(run=_models)
 
-    comparison = subparsers.add_parser("compare", help="the same question to several models, side by side")
+    comparison = subparsers.add_parser(
+        "compare", help="the same question to several models, side by side", epilog=epilog
+    )
     comparison.add_argument("--models", required=True, help="comma-separated models")
-    comparison.add_argument("--message", default=None, help="the user message")
-    comparison.add_argument("--system", default=None, help="a system prompt")
-    comparison.add_argument("--messages", default=None, help="the conversation as a JSON array")
+    _conversation(comparison)
     _asking(comparison)
     _common(comparison)
     comparison.set_defaults(run=_compare)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only these commands."""
+    parser = Parser(prog="llm402", description="Chat, vision, models and compare through llm402.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run only these commands (``python -m llm402.cli_router``); ``llm402`` itself wires them into its parser."""
-    parser = argparse.ArgumentParser(prog="llm402", description="Chat, vision, models and compare through llm402.")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        code: int = args.run(args)
-    except Llm402Error as exc:
-        err.print(f"[red]{type(exc).__name__}[/]: {escape(str(exc))}", soft_wrap=True)
-        return 2
-    return code
+    return run(build_parser, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llm402.cli_router import main as entry  # the package's module, not a second copy named __main__
+
+    sys.exit(entry())

@@ -13,7 +13,7 @@ from rich.table import Table
 from .gateway import Gateway
 from .money import format_usd
 from .policy import Policy
-from .receipts import Receipt
+from .receipts import Receipt, receipt_view, usd_string
 from .wallet import Wallet
 
 WEATHER_TOOL = {
@@ -30,8 +30,9 @@ def _balance(base: str, address: str) -> int:
     return int(httpx.get(f"{base}/sandbox/balance/{address}").json()["balance"])
 
 
-def run_demo(console: Console | None = None) -> list[Receipt]:
-    """Run the demo and print receipts; returns them (the tests check the sums)."""
+def run_demo(console: Console | None = None, *, as_json: bool = False) -> list[Receipt]:
+    """Run the demo and print receipts; returns them (the tests check the sums). ``as_json``: print one JSON document
+    on stdout instead of the table (the receipts as `receipt_view`, the wallet's balance before and after)."""
     import openai
 
     from .sandbox import SandboxConfig, SandboxServer
@@ -42,7 +43,8 @@ def run_demo(console: Console | None = None) -> list[Receipt]:
         wallet = Wallet.create()
         httpx.post(f"{sandbox.url}/sandbox/faucet", json={"address": wallet.address, "amount": 5_000_000})
         before = _balance(sandbox.url, wallet.address)
-        out.print(f"[bold]sandbox[/] {sandbox.url}   [bold]wallet[/] {wallet.address} (throwaway)")
+        if not as_json:
+            out.print(f"[bold]sandbox[/] {sandbox.url}   [bold]wallet[/] {wallet.address} (throwaway)")
         policy = Policy(max_payment_usd="0.05", daily_cap_usd="1.00")
         receipts: list[Receipt] = []
         calls: list[tuple[str, str, dict[str, Any]]] = [
@@ -97,6 +99,23 @@ def run_demo(console: Console | None = None) -> list[Receipt]:
                 labels.append(f"{label}: {text[:40]}")
         after = _balance(sandbox.url, wallet.address)
 
+    total = sum(r.cost for r in receipts)
+    if as_json:
+        document = {
+            "wallet": wallet.address,
+            "balance_before": before,
+            "balance_before_usd": usd_string(before),
+            "balance_after": after,
+            "balance_after_usd": usd_string(after),
+            "total": total,
+            "total_usd": usd_string(total),
+            "balanced": before - after == total,
+            "seconds": round(time.perf_counter() - started, 3),
+            "calls": [{"label": label, **receipt_view(r)} for label, r in zip(labels, receipts, strict=True)],
+        }
+        print(json.dumps(document, indent=2))
+        return receipts
+
     table = Table(title="llm402 receipts (every call paid through a real 402 and a verified signature)")
     for column in ("call", "model", "tokens", "authorized", "cost", "transaction"):
         table.add_column(column)
@@ -112,7 +131,6 @@ def run_demo(console: Console | None = None) -> list[Receipt]:
             (tx[:18] + "...") if tx else "-",
         )
     out.print(table)
-    total = sum(r.cost for r in receipts)
     out.print(
         f"wallet balance {format_usd(before)} -> {format_usd(after)}; "
         f"receipts total {format_usd(total)}; dropped by exactly the receipts: {before - after == total}"

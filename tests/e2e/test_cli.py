@@ -37,9 +37,9 @@ def test_spend_shows_costs_and_cache_savings(
     for _ in range(3):
         assert client.post(f"{gw.base_url}/chat/completions", json=body).status_code == 200
     gw.close()
-    rows = run(capsys, "spend", "--by", "intent", "--ledger", ledger)
-    assert isinstance(rows, list)
-    (row,) = rows
+    report = run(capsys, "spend", "--by", "intent", "--ledger", ledger)
+    assert isinstance(report, dict)
+    (row,) = report["groups"]
     paid = [r for r in Gateway(f"{sandbox.url}/v1", ledger=ledger).receipts() if r.payment is not None]
     assert row["key"] == "judging"
     assert row["calls"] == 3

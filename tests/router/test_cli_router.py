@@ -116,16 +116,18 @@ def test_compare_prints_the_table(sb: Sandbox, capsys: pytest.CaptureFixture[str
     assert [r["model"] for r in rows] == models.split(",") and all(r["cost"] > 0 and r["error"] is None for r in rows)
 
 
-def test_errors_are_typed_and_exit_2(
+def test_errors_have_distinct_exit_codes(
     sb: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     code, _, err = run(sb, capsys, "chat", "--model", "sandbox/small", "--message", "hi", "--max-tokens", "0")
-    assert code == 2 and "GatewayValidationError" in err and "max_tokens" in err
+    assert code == 2 and "--max-tokens" in err, "the parser refuses it (usage)"
+    code, _, err = run(sb, capsys, "chat", "--model", "sandbox/nope", "--message", "hi")
+    assert code == 5 and "gateway error" in err and "Unknown model" in err
     code, _, err = run(sb, capsys, "vision", "--model", "sandbox/vision", "--image", "/no/such/file.png")
-    assert code == 2 and "neither a URL nor a readable file" in err
+    assert code == 3 and "neither a URL nor a readable file" in err
     monkeypatch.delenv("LLM402_PRIVATE_KEY")
     code, _, err = run(sb, capsys, "chat", "--model", "sandbox/small", "--message", "hi")
-    assert code == 2 and "WalletError" in err
+    assert code == 3 and "wallet error" in err
 
 
 def test_as_a_subprocess(sb: Sandbox, wallet: Wallet) -> None:
