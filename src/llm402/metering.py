@@ -14,6 +14,23 @@ that, its usage would not be read anyway), a stream up to `MAX_INFLATED_BYTES` o
 compressed bytes seen, whichever is more (a real SSE stream compresses some 5-20 times; a bomb, a thousand). Past the
 bound the meter stops inflating and reads nothing more: the call is counted by its reservation (``usage`` is None).
 The caller still gets every byte, unchanged.
+
+API shapes read (`usage_from_json` for one answer, `UsageMeter` for a stream):
+
+- chat completions: ``usage.prompt_tokens`` / ``completion_tokens`` (a stream's usage chunk);
+- the OpenAI Responses API: ``usage.input_tokens`` / ``output_tokens`` (``input_tokens_details``' cached and
+  cache-write tokens are part of the input); a stream's usage is ``response.usage`` of its terminal
+  ``response.completed`` (or ``response.incomplete`` / ``response.failed``) event;
+- Anthropic Messages: ``usage.input_tokens`` / ``output_tokens``, plus ``cache_creation_input_tokens`` and
+  ``cache_read_input_tokens`` (not part of ``input_tokens``: added to the prompt); a stream's input arrives in
+  ``message_start`` (``message.usage``) and its cumulative output in ``message_delta`` (``usage``): the usage is
+  known once ``message_delta`` came (a stream cut before it has none);
+- Gemini: ``usageMetadata`` (thinking tokens, billed as output, are added to the candidates');
+- ``usage.cost`` / ``usage.credits_remaining`` where a gateway reports them (AIsa).
+
+A usage object without an input count (and without a cost) is not read: nothing found means ``usage`` is None, never
+zeros, and the call is counted by its reservation (the core's rule). A complete answer that carried no usage llm402
+could read is logged once per kind of answer (`warn_unmetered`).
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,13 +72,34 @@ class Usage:
     """Token usage as the gateway reported it; ``cost_usd`` / ``credits_remaining`` when it reports them (AIsa)."""
 
     prompt_tokens: int = 0
+    """All input tokens, cached or not (Anthropic's cache reads and writes added to its ``input_tokens``)."""
     completion_tokens: int = 0
     cost_usd: Decimal | None = None
     credits_remaining: Decimal | None = None
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, those read from a prompt cache (OpenAI ``cached_tokens``, Anthropic
+    ``cache_read_input_tokens``, Gemini ``cachedContentTokenCount``)."""
+    cache_write_tokens: int = 0
+    """Of ``prompt_tokens``, those written to a prompt cache (Anthropic ``cache_creation_input_tokens``, OpenAI
+    ``cache_write_tokens``)."""
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+def _count(value: Any) -> int | None:
+    """A token count, or None when absent or not a non-negative integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _first_count(data: Mapping[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = _count(data.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _detail(data: Mapping[str, Any], key: str, field: str) -> int:
+    details = data.get(key)
+    return (_count(details.get(field)) or 0) if isinstance(details, Mapping) else 0
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -73,25 +112,93 @@ def _decimal(value: Any) -> Decimal | None:
     return amount if amount.is_finite() and amount >= 0 else None
 
 
+def read_usage(usage: Mapping[str, Any]) -> Usage | None:
+    """One ``usage`` object: chat completions, the Responses API or Anthropic Messages (see the module's docstring).
+
+    None when it has neither an input count nor a cost: such an object cannot price a call (a bare ``{}``, an
+    Anthropic ``message_delta`` usage alone, a tool's JSON schema property named ``usage``)."""
+    prompt = _first_count(usage, "prompt_tokens", "input_tokens")
+    cost = _decimal(usage.get("cost"))
+    if prompt is None and cost is None:
+        return None
+    cache_read = _count(usage.get("cache_read_input_tokens")) or 0  # Anthropic: not part of input_tokens
+    cache_write = _count(usage.get("cache_creation_input_tokens")) or 0
+    details = (
+        "input_tokens_details" if isinstance(usage.get("input_tokens_details"), Mapping) else "prompt_tokens_details"
+    )
+    return Usage(  # OpenAI's details are part of its input count already
+        prompt_tokens=(prompt or 0) + cache_read + cache_write,
+        completion_tokens=_first_count(usage, "completion_tokens", "output_tokens") or 0,
+        cost_usd=cost,
+        credits_remaining=_decimal(usage.get("credits_remaining")),
+        cached_tokens=cache_read + _detail(usage, details, "cached_tokens"),
+        cache_write_tokens=cache_write + _detail(usage, details, "cache_write_tokens"),
+    )
+
+
+def _read_usage_metadata(meta: Mapping[str, Any]) -> Usage | None:
+    """Gemini's ``usageMetadata`` (thinking and tool-use prompt tokens are billed: they are counted)."""
+    prompt = _count(meta.get("promptTokenCount"))
+    if prompt is None:
+        return None
+    return Usage(
+        prompt_tokens=prompt + (_count(meta.get("toolUsePromptTokenCount")) or 0),
+        completion_tokens=(_count(meta.get("candidatesTokenCount")) or 0)
+        + (_count(meta.get("thoughtsTokenCount")) or 0),
+        cached_tokens=_count(meta.get("cachedContentTokenCount")) or 0,
+    )
+
+
 def usage_from_json(data: Any) -> Usage | None:
-    """Usage from an OpenAI-style ``usage`` or a Gemini ``usageMetadata`` object."""
+    """Usage from an answer's top-level ``usage`` (any of the shapes read) or Gemini ``usageMetadata`` object."""
     if not isinstance(data, Mapping):
         return None
     usage = data.get("usage")
     if isinstance(usage, Mapping):
-        return Usage(
-            prompt_tokens=_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
-            completion_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
-            cost_usd=_decimal(usage.get("cost")),
-            credits_remaining=_decimal(usage.get("credits_remaining")),
-        )
+        return read_usage(usage)
     meta = data.get("usageMetadata")
     if isinstance(meta, Mapping):
-        return Usage(
-            prompt_tokens=_int(meta.get("promptTokenCount")),
-            completion_tokens=_int(meta.get("candidatesTokenCount")),
-        )
+        return _read_usage_metadata(meta)
     return None
+
+
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+"""The Responses API's terminal stream events: each carries the whole response, ``usage`` included."""
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_unmetered(kind: str) -> None:
+    """Log, once per process for each kind of answer, that an answer carried no usage llm402 can read."""
+    with _warned_lock:
+        if kind in _warned:
+            return
+        _warned.add(kind)
+    log.warning(
+        "llm402: found no token usage llm402 can read in a %s; its receipt shows no tokens and, unless a payment or "
+        "a reported cost prices it, it is counted by its reservation (an upper bound). Warned once for this kind",
+        kind,
+    )
+
+
+def _answer_kind(body: bytes, streaming: bool) -> str | None:
+    """What to call an answer without readable usage in the warning; None for an error or empty body (not a call
+    that was answered)."""
+    text = body.strip()
+    if not text:
+        return None
+    if text.startswith(b"{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, Mapping):
+            if data.get("error") is not None or data.get("type") == "error":
+                return None
+            label = data.get("object", data.get("type"))
+            return f"JSON answer ({label})" if isinstance(label, str) else "JSON answer"
+    return "streamed answer" if streaming else "answer"
 
 
 _DECODER = json.JSONDecoder()
@@ -124,9 +231,20 @@ def _tail_usage(body: bytes) -> Usage | None:
 
 
 class UsageMeter:
-    """Incremental parser of a response body. Feed raw wire bytes; read `usage` and `done` afterwards."""
+    """Incremental parser of a response body. Feed raw wire bytes; read `usage` and `done` afterwards.
 
-    def __init__(self, *, streaming: bool, content_encoding: str | None = None, strip_usage_event: bool = False):
+    ``done``: the stream reached its end marker (``[DONE]``), or the event that completes its usage (the Responses
+    API's terminal event, Anthropic's ``message_delta``). ``warn_unread=False`` keeps `finish` from warning about an
+    answer without usage (for requests that are not model calls)."""
+
+    def __init__(
+        self,
+        *,
+        streaming: bool,
+        content_encoding: str | None = None,
+        strip_usage_event: bool = False,
+        warn_unread: bool = True,
+    ):
         self.streaming = streaming
         self.usage: Usage | None = None
         self.done = False
@@ -136,6 +254,9 @@ class UsageMeter:
         self.bytes_inflated = 0
         """How much the meter inflated of a gzip/deflate body (bounded: see the module's docstring)."""
         encoding = (content_encoding or "").lower().strip()
+        self._encoding = encoding
+        self._warn = warn_unread
+        self._opening: Mapping[str, Any] | None = None  # an Anthropic stream's message_start usage
         self._inflate = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
         self._opaque = encoding not in ("", "identity", "gzip", "deflate", "x-gzip")
         self._strip = strip_usage_event and streaming and self._inflate is None and not self._opaque
@@ -222,12 +343,31 @@ class UsageMeter:
             self._buffer.clear()
             if rest.strip():
                 self._event(rest)
+            if self.usage is None:
+                self._unread(rest)
             return rest if self._strip else b""
         if not self._overflow and self._parts:
             self.body = b"".join(self._parts)
             self.usage = _tail_usage(self.body) or self.usage
         self._parts.clear()
+        if self.usage is None:
+            self._unread(self.body or b"")
         return b""
+
+    def _unread(self, rest: bytes) -> None:
+        """A whole answer without usage: warn once for its kind (not for an error body; past the inflate bound,
+        `_give_up` warned already)."""
+        if not self._warn or self._overflow or not self.bytes_seen:
+            return
+        if self._opaque:
+            warn_unmetered(f"{self._encoding or 'compressed'}-encoded answer")
+            return
+        if self.streaming and not rest.strip():
+            warn_unmetered("streamed answer")
+            return
+        kind = _answer_kind(rest, self.streaming)
+        if kind is not None and kind not in ("JSON answer (list)", "JSON answer (model)"):  # listings carry no usage
+            warn_unmetered(kind)
 
     def _drain_events(self, out: bytearray | None) -> None:
         while True:
@@ -261,9 +401,43 @@ class UsageMeter:
             data = json.loads(payload)
         except ValueError:
             return True
+        if not isinstance(data, Mapping):
+            return True
+        kind = data.get("type")
+        if isinstance(kind, str) and self._typed_event(kind, data):
+            return True  # an event of the Responses API or Anthropic Messages: never stripped
         usage = usage_from_json(data)
         if usage is None:
             return True
         self.usage = usage
-        usage_only = isinstance(data, Mapping) and not data.get("choices")
+        usage_only = not data.get("choices") and kind is None  # a chat completions usage chunk
         return not (self._strip and usage_only)
+
+    def _typed_event(self, kind: str, data: Mapping[str, Any]) -> bool:
+        """Read a Responses API or Anthropic Messages stream event; False when it is neither."""
+        if kind.startswith("response."):
+            response = data.get("response")
+            usage = response.get("usage") if isinstance(response, Mapping) else None
+            if kind in _RESPONSE_ENDS:  # earlier events' usage is null, or not final
+                read = read_usage(usage) if isinstance(usage, Mapping) else None
+                if read is not None:
+                    self.usage = read
+                self.done = True
+            return True
+        if kind == "message_start":
+            message = data.get("message")
+            usage = message.get("usage") if isinstance(message, Mapping) else None
+            if isinstance(usage, Mapping):
+                self._opening = usage  # the input count; the output is final only in message_delta
+            return True
+        if kind == "message_delta":
+            usage = data.get("usage")
+            if isinstance(usage, Mapping):
+                opening = self._opening or {}
+                merged = {**opening, **{k: v for k, v in usage.items() if v is not None}}  # cumulative counts
+                read = read_usage(merged)
+                if read is not None:
+                    self.usage = read
+                    self.done = True
+            return True
+        return False

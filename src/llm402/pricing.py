@@ -109,62 +109,118 @@ class PriceCatalog:
         return cls(prices)
 
 
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+
+
 def _text_bytes(content: Any) -> tuple[int, int]:
-    """(utf-8 bytes of text, number of images) in a message content (string or parts)."""
+    """(utf-8 bytes, number of images) of a message content: a string, or parts / content blocks (chat completions,
+    the Responses API, Anthropic Messages, Gemini). Text parts count their text; images a flat `TOKENS_PER_IMAGE`;
+    a tool result its content; any other part (a tool call, a document, audio) its whole JSON, an upper bound."""
     if isinstance(content, str):
         return len(content.encode()), 0
+    if content is None:
+        return 0, 0
+    if not isinstance(content, list):
+        return _json_bytes(content), 0
     size = images = 0
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, Mapping):
-                kind = part.get("type")
-                if kind in ("image_url", "input_image", "image") or "inline_data" in part or "inlineData" in part:
-                    images += 1
-                else:
-                    s, i = _text_bytes(part.get("text", ""))
-                    size += s
-                    images += i
-            elif isinstance(part, str):
-                size += len(part.encode())
-    elif content is not None:
-        size = len(json.dumps(content).encode())
+    for part in content:
+        if isinstance(part, str):
+            size += len(part.encode())
+            continue
+        if not isinstance(part, Mapping):
+            size += _json_bytes(part)
+            continue
+        kind = part.get("type")
+        if kind in _IMAGE_PARTS or "inline_data" in part or "inlineData" in part:
+            images += 1
+        elif isinstance(part.get("text"), str) and (kind is None or kind in _TEXT_PARTS):
+            size += len(part["text"].encode())
+        elif kind in ("tool_result", "function_call_output"):  # Anthropic / Responses: the result's own content
+            s, i = _text_bytes(part.get("content", part.get("output")))
+            size += s + TOKENS_PER_MESSAGE
+            images += i
+        else:
+            size += _json_bytes(part)
     return size, images
 
 
+def _message_tokens(message: Mapping[str, Any]) -> int:
+    """A chat message, a Responses API input item or an Anthropic message: its content, calls and overhead."""
+    if "content" not in message and "role" not in message:
+        if message.get("type") == "function_call_output":  # a Responses API tool result: its output, like content
+            size, images = _text_bytes(message.get("output"))
+            return size + images * TOKENS_PER_IMAGE + TOKENS_PER_MESSAGE
+        return _json_bytes(message) + TOKENS_PER_MESSAGE  # a function call, a reasoning item...: all of its JSON
+    size, images = _text_bytes(message.get("content"))
+    total = size + images * TOKENS_PER_IMAGE + TOKENS_PER_MESSAGE
+    for key in ("tool_calls", "function_call"):
+        if message.get(key):
+            total += _json_bytes(message[key])
+    return total
+
+
+def _input_tokens(value: Any) -> int:
+    """``input``: an embeddings input (text, texts, token ids, lists of token ids) or the Responses API's input (a
+    string, or a list of messages and items)."""
+    if isinstance(value, str):
+        return len(value.encode()) + TOKENS_PER_MESSAGE
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 1  # a token id
+    if isinstance(value, list):
+        return sum(_input_tokens(x) if not isinstance(x, str) else len(x.encode()) for x in value)
+    if isinstance(value, Mapping):
+        return _message_tokens(value)
+    return 0 if value is None else _json_bytes(value)
+
+
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """An upper bound of the prompt's tokens: one per UTF-8 byte (no byte-level BPE emits more),
-    plus per-message overhead, images, and tool definitions."""
+    """An upper bound of the prompt's tokens: one per UTF-8 byte (no byte-level BPE emits more), plus per-message
+    overhead, images, tool definitions and output schemas.
+
+    Read: chat ``messages``; the Responses API's ``instructions`` and ``input`` (a string or a list of items);
+    Anthropic's ``system`` (a string or text blocks) and ``messages`` with content blocks (text, images, tool use,
+    tool results); Gemini's ``contents`` and ``systemInstruction``; embeddings' ``input``; a legacy ``prompt``."""
     total = 0
     messages = body.get("messages")
     if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, Mapping):
-                size, images = _text_bytes(message.get("content"))
-                total += size + images * TOKENS_PER_IMAGE + TOKENS_PER_MESSAGE
-                if message.get("tool_calls"):
-                    total += len(json.dumps(message["tool_calls"]).encode())
+        total += sum(_message_tokens(m) for m in messages if isinstance(m, Mapping))
+    for key in ("system", "instructions"):  # Anthropic Messages; the Responses API
+        value = body.get(key)
+        if value:
+            size, images = _text_bytes(value)
+            total += size + images * TOKENS_PER_IMAGE + TOKENS_PER_MESSAGE
     contents = body.get("contents")  # Gemini native
-    if isinstance(contents, list):
-        for item in contents:
+    if isinstance(contents, Mapping):
+        contents = [contents]
+    system = body.get("systemInstruction", body.get("system_instruction"))
+    if isinstance(contents, list) or isinstance(system, Mapping):
+        items = [*(contents if isinstance(contents, list) else []), *([system] if isinstance(system, Mapping) else [])]
+        for item in items:
             if isinstance(item, Mapping):
                 size, images = _text_bytes(item.get("parts"))
                 total += size + images * TOKENS_PER_IMAGE + TOKENS_PER_MESSAGE
-    prompt_input = body.get("input")  # embeddings
-    if isinstance(prompt_input, str):
-        total += len(prompt_input.encode())
-    elif isinstance(prompt_input, list):
-        total += sum(len(x.encode()) if isinstance(x, str) else 8 for x in prompt_input)
-    if body.get("prompt") is not None and isinstance(body["prompt"], str):
+    if "input" in body:  # embeddings; the Responses API
+        total += _input_tokens(body["input"])
+    if isinstance(body.get("prompt"), str):
         total += len(body["prompt"].encode())
     for key in ("tools", "functions", "response_format"):
         if body.get(key):
-            total += len(json.dumps(body[key]).encode())
+            total += _json_bytes(body[key])
+    text = body.get("text")  # the Responses API's output format (a JSON schema)
+    if isinstance(text, Mapping) and text.get("format"):
+        total += _json_bytes(text["format"])
     return total
 
 
 def max_completion_tokens(body: Mapping[str, Any], default: int = DEFAULT_MAX_TOKENS) -> int:
-    """The completion budget the request allows (``max_tokens``, ``max_completion_tokens``, Gemini's)."""
-    for key in ("max_tokens", "max_completion_tokens"):
+    """The completion budget the request allows: ``max_tokens`` (chat, Anthropic Messages),
+    ``max_completion_tokens``, ``max_output_tokens`` (the Responses API) or Gemini's ``maxOutputTokens``."""
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
