@@ -10,7 +10,13 @@ verify the payment -> generate (a failure answers 502 and nothing is settled) ->
 settled before its first byte, so the settlement header leaves with the response headers. Under ``/upto/v1`` the 402
 also offers x402 ``upto``: an upto payment authorizes a ceiling and is settled to the metered cost after the answer
 is produced; a stream settles after its content and reports it in a ``: payment-response <base64>`` SSE comment
-just before ``[DONE]`` (a client going away settles what was delivered).
+just before ``[DONE]`` (a client going away settles what was delivered). Streams without ``[DONE]`` carry it just
+before their last event: the Responses API's ``response.completed`` (after all content; the usage is in that event)
+and Anthropic's ``message_stop`` (after ``message_delta`` and its usage).
+
+Paid endpoints, on every mount: ``/chat/completions``, ``/responses`` (the OpenAI Responses API), ``/messages``
+(Anthropic Messages; its SDK's ``base_url`` is the mount without ``/v1``), ``/embeddings``, ``/images/generations``
+and Gemini's ``/models/{model}:generateContent`` (see `apis` for the Responses API and Messages).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from . import apis
 from . import models as m
 from .auth import SiweContext, Unauthorized, hash_key, key_owner, new_api_key, verify_siwe
 from .config import Dialect, Mode, ModelSpec, SandboxConfig
@@ -271,7 +278,7 @@ async def _paced(
     sent_content = 0
     first = True
     async for event in events:
-        if faults.stream_cut is not None and (sent_content >= faults.stream_cut or event.kind == "done"):
+        if faults.stream_cut is not None and (sent_content >= faults.stream_cut or event.kind in ("done", "final")):
             raise StreamCut
         if faults.stream_forever and event.kind != "content":
             while True:
@@ -428,6 +435,60 @@ def _gemini_job(st: SandboxState, model: str, body: Any) -> Job:
     )
 
 
+def _scripted_job(
+    st: SandboxState,
+    endpoint: str,
+    request: m.ChatRequest,
+    answer: Callable[[m.Generation], Produced],
+    budget_name: str,
+) -> Job:
+    """A paid job answered by the scripted model (the Responses API, Anthropic Messages). The answer is generated
+    before any 402, so a request the model cannot answer is a 400, never a paid failure."""
+    cfg, spec = st.config, request.spec
+    gen = m.generate_chat(request)
+
+    async def produce() -> Produced:
+        return answer(gen)
+
+    return Job(
+        endpoint,
+        spec.id,
+        m.token_cost(spec, request.prompt_tokens, request.max_tokens, cfg.markup_bps),
+        f"{endpoint} with {spec.id} (up to {request.max_tokens} {budget_name})",
+        produce,
+        lambda box: m.token_cost(spec, box.prompt_tokens, box.completion_tokens, cfg.markup_bps),
+        lambda box: m.token_cost(spec, box.prompt_tokens, box.completion_tokens),
+        stream=request.stream,
+    )
+
+
+def _responses_job(st: SandboxState, body: Any) -> Job:
+    request = apis.read_responses_request(st.config, body)
+    created = int(time.time())
+
+    def answer(gen: m.Generation) -> Produced:
+        box = UsageBox(gen.prompt_tokens, gen.completion_tokens, True)
+        response_id = "resp_" + secrets.token_hex(12)
+        if request.stream:
+            return Produced(box, events=_aiter(apis.responses_stream(gen, request, response_id, created)))
+        return Produced(box, body=apis.response_object(gen, request, response_id, created))
+
+    return _scripted_job(st, "Response", request, answer, "output tokens")
+
+
+def _messages_job(st: SandboxState, body: Any) -> Job:
+    request = apis.read_messages_request(st.config, body)
+
+    def answer(gen: m.Generation) -> Produced:
+        box = UsageBox(gen.prompt_tokens, gen.completion_tokens, True)
+        message_id = "msg_" + secrets.token_hex(12)
+        if request.stream:
+            return Produced(box, events=_aiter(apis.messages_stream(gen, request, message_id)))
+        return Produced(box, body=apis.message_object(gen, request, message_id))
+
+    return _scripted_job(st, "Message", request, answer, "output tokens")
+
+
 def _topup_job(st: SandboxState, body: Any) -> Job:
     cfg = st.config
     amount = body.get("amount") if isinstance(body, dict) else None
@@ -571,10 +632,10 @@ async def _x402_upto(
     settled_once = False
 
     async def settled_before_done() -> AsyncIterator[m.StreamEvent]:
-        """The stream, with the settlement of everything it delivered reported just before ``[DONE]``."""
+        """The stream, with the settlement of everything it delivered reported just before its last event."""
         nonlocal settled_once
         async for event in events:
-            if event.kind == "done" and not settled_once:
+            if event.kind in ("done", "final") and not settled_once:
                 settled_once = True
                 delivered = box if box.known else UsageBox(box.prompt_tokens, meter.tokens, False)
                 try:
@@ -780,14 +841,16 @@ async def _aisa_credit(request: Request, st: SandboxState, job: Job, faults: Fau
 
     async def priced() -> AsyncIterator[m.StreamEvent]:
         async for event in events:
-            if event.kind != "usage":
+            if event.kind not in ("usage", "final"):
                 yield event
                 continue
             charged_box.append(charge(produced.usage))
-            payload = json.loads(event.data.decode().removeprefix("data: ").strip())
-            charged, remaining = charged_box[0]
-            payload["usage"].update(cost=_usd(charged), credits_remaining=_usd(remaining))
-            yield m.StreamEvent(m.sse(payload), event.tokens, event.kind)
+            name, payload = apis.parse_sse(event.data)
+            usage = apis.usage_object(payload)
+            if usage is not None:
+                charged, remaining = charged_box[0]
+                usage.update(cost=_usd(charged), credits_remaining=_usd(remaining))
+            yield m.StreamEvent(apis.encode_sse(name, payload), event.tokens, event.kind)
 
     def close(_meter: Meter) -> None:
         if not charged_box:
@@ -1039,6 +1102,8 @@ def api_routes(prefix: str, dialect: Mode) -> list[BaseRoute]:
         Route(f"{v1}/auth/keys", _keys_route(prefix), methods=["GET", "POST"]),
         Route(f"{v1}/auth/keys/{{key_id}}", _revoke_route(prefix), methods=["DELETE"]),
         Route(f"{v1}/chat/completions", _paid_route(dialect, _chat_job), methods=["POST"]),
+        Route(f"{v1}/responses", _paid_route(dialect, _responses_job), methods=["POST"]),
+        Route(f"{v1}/messages", _paid_route(dialect, _messages_job), methods=["POST"]),
         Route(f"{v1}/embeddings", _paid_route(dialect, _embeddings_job), methods=["POST"]),
         Route(f"{v1}/images/generations", _paid_route(dialect, _images_job), methods=["POST"]),
     ]
@@ -1050,6 +1115,8 @@ def free_routes(prefix: str) -> list[BaseRoute]:
     return [
         Route(f"{v1}/models", list_models, methods=["GET"]),
         Route(f"{v1}/chat/completions", _paid_route("free", _chat_job), methods=["POST"]),
+        Route(f"{v1}/responses", _paid_route("free", _responses_job), methods=["POST"]),
+        Route(f"{v1}/messages", _paid_route("free", _messages_job), methods=["POST"]),
         Route(f"{v1}/embeddings", _paid_route("free", _embeddings_job), methods=["POST"]),
         Route(f"{v1}/images/generations", _paid_route("free", _images_job), methods=["POST"]),
     ]
@@ -1062,6 +1129,8 @@ def aisa_routes(prefix: str) -> list[BaseRoute]:
     return [
         Route(f"{v1}/models", list_models, methods=["GET"]),
         Route(f"{v1}/chat/completions", _aisa_route(_chat_job), methods=["POST"]),
+        Route(f"{v1}/responses", _aisa_route(_responses_job), methods=["POST"]),
+        Route(f"{v1}/messages", _aisa_route(_messages_job), methods=["POST"]),
         Route(f"{v1}/embeddings", _aisa_route(_embeddings_job), methods=["POST"]),
         Route("/sandbox/aisa/keys", aisa_key, methods=["POST"]),
     ]

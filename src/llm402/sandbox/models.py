@@ -423,11 +423,12 @@ def chat_completion(gen: Generation, model: str, completion_id: str, created: in
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """One SSE event: its bytes, how many completion tokens it carries, and its kind."""
+    """One SSE event: its bytes, how many completion tokens it carries, and its kind (``usage``: it carries the final
+    usage; ``done``: the stream's end marker; ``final``: both, the Responses API's terminal event)."""
 
     data: bytes
     tokens: int = 0
-    kind: Literal["content", "finish", "usage", "done", "other"] = "other"
+    kind: Literal["content", "finish", "usage", "done", "final", "other"] = "other"
 
 
 def sse(payload: Mapping[str, Any] | str) -> bytes:
