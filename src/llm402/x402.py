@@ -1,9 +1,16 @@
-"""The 402 negotiator: parse a challenge in any of the three dialects, choose what to pay, sign, encode, decode.
+"""The 402 negotiator: parse a challenge in any of the four dialects, choose what to pay, sign, encode, decode.
 
 Dialects (DESIGN.md): x402 v2 (``PAYMENT-REQUIRED`` header -> ``PAYMENT-SIGNATURE``), x402 v1 (body with
-``x402Version: 1`` -> ``X-PAYMENT``) and the Token Kiosk body (``accepts`` without a version -> ``X-Payment``).
-Parsing uses the official ``x402`` SDK's models first; signing goes through its EVM exact scheme. The SDK is
-imported lazily: it costs hundreds of milliseconds and is needed only when a payment is due.
+``x402Version: 1`` -> ``X-PAYMENT``), the Token Kiosk body (``accepts`` without a version -> ``X-Payment``) and MPP
+(``WWW-Authenticate: Payment`` -> ``Authorization: Payment``, or ``Payment-Authorization`` when the challenge says so;
+receipt in ``Payment-Receipt``). An MPP ``evm/charge`` challenge becomes an ordinary `Requirement` (``dialect`` MPP,
+``raw`` the decoded request, ``extra`` the challenge's fields as received), so the same policy, ledger and receipts
+apply; the wire details live in `llm402.mpp`. A route that offers both (pympp's and mppx's EVM servers) gives one
+`Challenge` holding both rails' requirements; `select_requirement` pays by one (x402 unless the policy prefers MPP),
+and an x402 payment to such a route carries the ``extensions.mppx`` route binding and its route-bound nonce.
+Parsing uses the official ``x402`` SDK's models first; signing goes through its EVM schemes (EIP-3009 typed data for
+MPP and route-bound payments). The SDK is imported lazily: it costs hundreds of milliseconds and is needed only when
+a payment is due.
 """
 
 from __future__ import annotations
@@ -12,13 +19,15 @@ import base64
 import binascii
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from .errors import MalformedPaymentRequired, PolicyRefusal, SignerError
-from .money import format_usd, parse_atomic
+from . import mpp
+from .errors import MalformedPaymentRequired, PaymentRequiredError, PolicyRefusal, SignerError
+from .money import USDC_DECIMALS, format_usd, parse_atomic
 from .policy import Policy
 from .wallet import Signer
 
@@ -34,15 +43,29 @@ class Dialect(StrEnum):
     V2 = "x402-v2"
     V1 = "x402-v1"
     KIOSK = "kiosk"
+    MPP = "mpp"
 
     @property
     def replay_header(self) -> str:
-        """The request header that carries the signed payment."""
-        return {"x402-v2": "PAYMENT-SIGNATURE", "x402-v1": "X-PAYMENT", "kiosk": "X-Payment"}[self.value]
+        """The request header that carries the signed payment (MPP: the default; a challenge may select
+        ``Payment-Authorization``, which `SignedPayment.header_name` then names)."""
+        return {"x402-v2": "PAYMENT-SIGNATURE", "x402-v1": "X-PAYMENT", "kiosk": "X-Payment", "mpp": "Authorization"}[
+            self.value
+        ]
+
+    @property
+    def rail(self) -> str:
+        """The protocol: ``x402`` (v2, v1 and the Token Kiosk body) or ``mpp``."""
+        return "mpp" if self is Dialect.MPP else "x402"
 
 
-PAYMENT_HEADERS = frozenset({"payment-signature", "x-payment"})
+PAYMENT_HEADERS = frozenset({"payment-signature", "x-payment", mpp.PAYMENT_AUTHORIZATION})
+"""Headers that only ever carry a payment (a caller's own are dropped; ours never follow a redirect). MPP's default
+credential field is ``Authorization``, which the transport already treats as secret."""
 SETTLEMENT_HEADERS = ("payment-response", "x-payment-response")
+DEFAULT_RAILS = ("x402", "mpp")
+"""The protocols a route offering several is paid by, most preferred first (``Policy.payment_protocols`` when the
+policy has it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,15 +80,29 @@ class Requirement:
     max_timeout_seconds: int
     extra: Mapping[str, Any]
     raw: Mapping[str, Any] = field(repr=False)
+    dialect: Dialect | None = None
+    """The dialect this requirement is paid in when it differs from its challenge's (MPP offers on a dual-rail
+    route); ``None``: the challenge's."""
 
     @property
     def upto(self) -> bool:
         """x402's ``upto`` scheme: ``amount`` is a ceiling; the gateway settles the actual cost, at most that."""
         return self.scheme == "upto"
 
+    @property
+    def mpp(self) -> bool:
+        """An MPP offer (``extra`` holds the challenge's fields, ``raw`` its decoded request)."""
+        return self.dialect is Dialect.MPP
+
+    @property
+    def single_use(self) -> bool:
+        """An MPP challenge is single-use (its id is the credential's nonce): never pay it again from a remembered
+        quote."""
+        return self.mpp
+
     def describe(self) -> dict[str, Any]:
         """Machine-readable summary (quotes, receipts)."""
-        return {
+        summary = {
             "scheme": self.scheme,
             "network": self.network,
             "asset": self.asset,
@@ -73,6 +110,10 @@ class Requirement:
             "pay_to": self.pay_to,
             "max_timeout_seconds": self.max_timeout_seconds,
         }
+        if self.mpp:
+            summary["protocol"] = "mpp"
+            summary["method"] = f"{self.extra.get('method')}/{self.extra.get('intent')}"
+        return summary
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +240,115 @@ def _build(data: Any, dialect: Dialect, what: str) -> Challenge:
     )
 
 
-def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge | None:
-    """Parse a 402. ``None`` when it is not an x402 challenge (e.g. a credit gateway's ``INSUFFICIENT_BALANCE``).
+def _eip712_domain(network: str, asset: str, siblings: tuple[Requirement, ...]) -> tuple[str, str] | None:
+    """The EIP-712 ``(name, version)`` an MPP charge's token signs with: the x402 SDK's table of known stablecoins,
+    else what the route's own x402 offer for that token says (a dual-rail route). A wrong one only makes the
+    signature invalid: the domain also binds the token address and chain, which the policy checks."""
+    from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
 
-    ``headers`` must be case-insensitive (httpx's ``Headers``). Raises `MalformedPaymentRequired`.
+    for entry in DEFAULT_ASSETS.get(network, ()):
+        if entry["asset"].lower() == asset.lower() and entry.get("asset_transfer_method", "eip3009") == "eip3009":
+            return str(entry["name"]), str(entry.get("version", "1"))
+    for sibling in siblings:
+        name, version = sibling.extra.get("name"), sibling.extra.get("version")
+        if sibling.network == network and sibling.asset.lower() == asset.lower() and isinstance(name, str):
+            return name, version if isinstance(version, str) else "1"
+    return None
+
+
+def _mpp_requirement(challenge: mpp.PaymentChallenge, now: float, siblings: tuple[Requirement, ...]) -> Requirement:
+    """An MPP challenge as a `Requirement`. ``evm/charge`` becomes an exact payment on its chain; any other
+    method or intent (or a credential field the spec does not allow) an offer under a scheme llm402 does not pay,
+    which `select_requirement` refuses with ``scheme_not_supported``. ``ValueError`` when it cannot be read."""
+    seconds, valid_before = mpp.validity_seconds(challenge, now)
+    extra: dict[str, Any] = {
+        "protocol": "mpp",
+        "method": challenge.method,
+        "intent": challenge.intent,
+        "id": challenge.id,
+        "realm": challenge.realm,
+        "request": challenge.request_b64,
+        "valid_before": valid_before,
+        **{
+            name: value
+            for name, value in (
+                ("expires", challenge.expires),
+                ("digest", challenge.digest),
+                ("opaque", challenge.opaque),
+                ("description", challenge.description),
+                ("header", challenge.header),
+            )
+            if value is not None
+        },
+    }
+    if challenge.key != mpp.ACCEPT_PAYMENT or challenge.credential_field is None:
+        return Requirement(f"mpp:{challenge.key}", "", "", 0, "", seconds, extra, dict(challenge.request), Dialect.MPP)
+    terms = mpp.charge_terms(challenge.request)
+    if terms.decimals is not None and terms.decimals != USDC_DECIMALS:
+        raise ValueError(f"evm/charge in a {terms.decimals}-decimal token: llm402 counts 6-decimal stablecoins")
+    network = f"eip155:{terms.chain_id}"
+    domain = _eip712_domain(network, terms.currency, siblings)
+    if domain is not None:
+        extra["name"], extra["version"] = domain
+    extra["amount_text"] = terms.amount_text
+    return Requirement(
+        "exact",
+        network,
+        terms.currency,
+        terms.amount,
+        terms.recipient,
+        seconds,
+        extra,
+        dict(challenge.request),
+        Dialect.MPP,
+    )
+
+
+def _mpp_challenge(headers: Mapping[str, str], body: bytes, x402: Challenge | None) -> Challenge | None:
+    """The MPP offers of a 402 (``None`` when it has no ``Payment`` challenge), merged into the x402 challenge
+    of the same answer when there is one (a dual-rail route)."""
+    values = mpp.header_values(headers, "www-authenticate")
+    if not any("payment" in value.lower() for value in values):
+        return x402
+    if sum(len(value) for value in values) > MAX_CHALLENGE_BYTES:
+        raise MalformedPaymentRequired("WWW-Authenticate is too large")
+    challenges, problems = mpp.payment_challenges(values)
+    if not challenges and not problems:
+        return x402
+    siblings = x402.requirements if x402 is not None else ()
+    now = time.time()
+    offers: list[Requirement] = []
+    for challenge in challenges:
+        try:
+            offers.append(_mpp_requirement(challenge, now, siblings))
+        except ValueError as exc:
+            problems.append(f"Payment challenge {challenge.key}: {exc}")
+    if x402 is not None:
+        return replace(x402, requirements=x402.requirements + tuple(offers))
+    if not offers:
+        raise MalformedPaymentRequired(
+            "the 402 offers no usable Payment challenge (" + "; ".join(problems) + ")", problems=problems
+        )
+    problem = mpp.read_problem(headers, body)
+    return Challenge(Dialect.MPP, tuple(offers), None, problem.reason() if problem is not None else None)
+
+
+def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge | None:
+    """Parse a 402. ``None`` when it is not a payment challenge (e.g. a credit gateway's ``INSUFFICIENT_BALANCE``).
+
+    ``headers`` must be case-insensitive (httpx's ``Headers``). Raises `MalformedPaymentRequired`. A 402 with both
+    x402 requirements and ``Payment`` challenges gives one challenge holding both rails' offers.
     """
+    try:
+        x402 = _parse_x402(headers, body)
+    except MalformedPaymentRequired:
+        if "payment" not in (headers.get("www-authenticate") or "").lower():
+            raise
+        x402 = None  # an unreadable x402 half of a dual-rail 402: the MPP half may still be payable
+    return _mpp_challenge(headers, body, x402)
+
+
+def _parse_x402(headers: Mapping[str, str], body: bytes) -> Challenge | None:
     header = headers.get("payment-required")
     if header is not None:
         if len(header) > MAX_CHALLENGE_BYTES:
@@ -244,7 +389,38 @@ SCHEMES = frozenset({"exact", "upto"})
 """The x402 schemes llm402 can pay with."""
 
 
+def _mpp_refusal(requirement: Requirement) -> PolicyRefusal | None:
+    """What llm402 cannot pay in an MPP offer: another method or intent, a credential field the spec does not
+    allow, a token whose EIP-712 domain is unknown."""
+    extra = requirement.extra
+    if requirement.scheme != "exact":
+        if extra.get("method") == "evm" and extra.get("intent") == "charge":
+            return PolicyRefusal(
+                f"the MPP challenge names the credential field {str(extra.get('header'))[:40]!r}; the Payment "
+                "scheme allows only Authorization or Payment-Authorization",
+                code="scheme_not_supported",
+            )
+        return PolicyRefusal(
+            f"MPP {str(extra.get('method'))[:40]}/{str(extra.get('intent'))[:40]} is not supported "
+            f"(llm402 pays {mpp.ACCEPT_PAYMENT})",
+            code="scheme_not_supported",
+        )
+    if "name" not in extra:
+        return PolicyRefusal(
+            f"the EIP-712 domain of token {requirement.asset} on {requirement.network} is unknown, so an evm/charge "
+            "authorization cannot be signed for it",
+            code="asset_not_allowed",
+            asset=requirement.asset,
+            network=requirement.network,
+        )
+    return None
+
+
 def _scheme_refusal(requirement: Requirement, policy: Policy, dialect: Dialect) -> PolicyRefusal | None:
+    if requirement.mpp:
+        refused = _mpp_refusal(requirement)
+        if refused is not None:
+            return refused
     if requirement.scheme not in SCHEMES or requirement.scheme not in policy.allowed_schemes:
         return PolicyRefusal(f"payment scheme {requirement.scheme!r} is not supported", code="scheme_not_supported")
     if not requirement.upto:
@@ -308,13 +484,23 @@ def select_requirement(
     """
     acceptable: list[Requirement] = []
     refusals: list[PolicyRefusal] = []
+    rails = _rails(policy)
     for requirement in challenge.requirements:
-        refusal = _refusal(requirement, policy, knows_asset, challenge.dialect)
+        dialect = requirement.dialect or challenge.dialect
+        refusal = _refusal(requirement, policy, knows_asset, dialect)
+        if refusal is None and dialect.rail not in rails:
+            refusal = PolicyRefusal(
+                f"the policy does not pay by {dialect.rail} (payment_protocols: {', '.join(rails)})",
+                code="scheme_not_supported",
+            )
         if refusal is None:
             acceptable.append(requirement)
         else:
             refusals.append(refusal)
     if acceptable:
+        # a route offering several protocols is paid by one: the policy's first that has an acceptable offer
+        best = min(rails.index((r.dialect or challenge.dialect).rail) for r in acceptable)
+        acceptable = [r for r in acceptable if rails.index((r.dialect or challenge.dialect).rail) == best]
         upto = [r for r in acceptable if r.upto]
         if policy.prefer_upto and upto:
             return min(upto, key=lambda r: r.amount)
@@ -331,6 +517,15 @@ def select_requirement(
     )
 
 
+def _rails(policy: Policy) -> tuple[str, ...]:
+    """The protocols the policy pays by, most preferred first (``Policy.payment_protocols``; default x402, then
+    MPP)."""
+    chosen = getattr(policy, "payment_protocols", None)
+    if not chosen:
+        return DEFAULT_RAILS
+    return tuple(str(rail).lower() for rail in chosen)
+
+
 # --- signing and encoding -----------------------------------------------------------------------------------
 
 
@@ -338,8 +533,168 @@ def _encode(envelope: Mapping[str, Any]) -> str:
     return base64.b64encode(json.dumps(envelope, separators=(",", ":")).encode()).decode()
 
 
+def _sign_eip3009(
+    signer: Signer,
+    *,
+    network: str,
+    asset: str,
+    name: str,
+    version: str,
+    pay_to: str,
+    value: str,
+    valid_before: int,
+    nonce: str,
+) -> dict[str, Any]:
+    """An EIP-3009 ``TransferWithAuthorization`` with a given nonce, signed through the x402 SDK's typed data; the
+    SDK's payload shape ``{authorization: {from, to, value, validAfter, validBefore, nonce}, signature}``."""
+    from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
+    from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload, TypedDataField
+
+    authorization = ExactEIP3009Authorization(
+        from_address=signer.address,
+        to=pay_to,
+        value=value,
+        valid_after="0",
+        valid_before=str(valid_before),
+        nonce=nonce,
+    )
+    domain, types, primary, message = build_typed_data_for_signing(
+        authorization, int(network.split(":", 1)[1]), asset, name, version
+    )
+    fields = {kind: [TypedDataField(name=f["name"], type=f["type"]) for f in spec] for kind, spec in types.items()}
+    signature = "0x" + signer.sign_typed_data(domain, fields, primary, message).hex()
+    payload: dict[str, Any] = ExactEIP3009Payload(authorization=authorization, signature=signature).to_dict()
+    return payload
+
+
+def _mpp_challenge_of(requirement: Requirement) -> mpp.PaymentChallenge:
+    extra = requirement.extra
+    return mpp.PaymentChallenge(
+        id=str(extra["id"]),
+        realm=str(extra["realm"]),
+        method=str(extra["method"]),
+        intent=str(extra["intent"]),
+        request_b64=str(extra["request"]),
+        request=requirement.raw,
+        expires=extra.get("expires"),
+        digest=extra.get("digest"),
+        opaque=extra.get("opaque"),
+        description=extra.get("description"),
+        header=extra.get("header"),
+    )
+
+
+def _sign_mpp(requirement: Requirement, signer: Signer) -> SignedPayment:
+    """A native ``evm/charge`` credential: EIP-3009 with the SDKs' nonce (keccak256 of ``["<id>","<realm>"]``) and
+    ``validBefore`` the challenge's ``expires``, in the field the challenge selects."""
+    from eth_utils.address import to_checksum_address
+
+    challenge = _mpp_challenge_of(requirement)
+    field_name = challenge.credential_field
+    if field_name is None or requirement.scheme != "exact":
+        raise PolicyRefusal(f"MPP {challenge.key} cannot be paid by llm402", code="scheme_not_supported")
+    nonce = mpp.challenge_nonce(challenge.id, challenge.realm)
+    valid_before = int(requirement.extra["valid_before"])
+    signed = _sign_eip3009(
+        signer,
+        network=requirement.network,
+        asset=requirement.asset,
+        name=str(requirement.extra["name"]),
+        version=str(requirement.extra["version"]),
+        pay_to=requirement.pay_to,
+        value=str(requirement.extra.get("amount_text", requirement.amount)),
+        valid_before=valid_before,
+        nonce=nonce,
+    )
+    authorization = signed["authorization"]
+    payload = {
+        "type": mpp.CREDENTIAL_TYPE,
+        "from": to_checksum_address(authorization["from"]),
+        "to": to_checksum_address(authorization["to"]),
+        "value": authorization["value"],
+        "validAfter": authorization["validAfter"],
+        "validBefore": authorization["validBefore"],
+        "nonce": nonce,
+        "signature": signed["signature"],
+    }
+    chain_id = int(requirement.network.split(":", 1)[1])
+    return SignedPayment(
+        header_name=field_name,
+        header_value=mpp.encode_credential(challenge, payload, mpp.did_pkh(chain_id, signer.address)),
+        requirement=requirement,
+        payer=signer.address,
+        nonce=nonce,
+        valid_before=valid_before,
+    )
+
+
+def _route_bound(challenge: Challenge, requirement: Requirement) -> bool:
+    """An exact EIP-3009 offer of a route that asks for mppx's route binding (pympp's and mppx's dual-rail routes
+    refuse an x402 payment without it)."""
+    return (
+        challenge.dialect is Dialect.V2
+        and requirement.dialect is None
+        and requirement.scheme == "exact"
+        and requirement.extra.get("assetTransferMethod", "eip3009") == "eip3009"
+        and challenge.resource is not None
+        and mpp.has_route_binding(challenge.extensions)
+    )
+
+
+def _sign_route_bound(challenge: Challenge, requirement: Requirement, signer: Signer) -> SignedPayment:
+    """x402 v2 exact on a dual-rail route: ``accepted`` and ``resource`` echoed unchanged, ``extensions`` echoed with
+    a client salt as ``mppx.info.nonce``, and the EIP-3009 nonce bound to all three."""
+    accepted = dict(requirement.raw)
+    resource = dict(challenge.resource or {})
+    extensions = mpp.bound_extensions(challenge.extensions or {})
+    nonce = mpp.route_nonce(accepted, resource, extensions)
+    name, version = requirement.extra.get("name"), requirement.extra.get("version")
+    if not isinstance(name, str):
+        domain = _eip712_domain(requirement.network, requirement.asset, ())
+        if domain is None:
+            raise SignerError("the offer names no EIP-712 domain (extra.name, extra.version) for its token")
+        name, version = domain
+    valid_before = int(time.time()) + requirement.max_timeout_seconds
+    inner = _sign_eip3009(
+        signer,
+        network=requirement.network,
+        asset=requirement.asset,
+        name=name,
+        version=version if isinstance(version, str) else "1",
+        pay_to=requirement.pay_to,
+        value=str(accepted.get("amount", requirement.amount)),
+        valid_before=valid_before,
+        nonce=nonce,
+    )
+    envelope = {
+        "x402Version": 2,
+        "payload": inner,
+        "accepted": accepted,
+        "resource": resource,
+        "extensions": extensions,
+    }
+    return SignedPayment(
+        header_name=Dialect.V2.replay_header,
+        header_value=_encode(envelope),
+        requirement=requirement,
+        payer=signer.address,
+        nonce=nonce,
+        valid_before=valid_before,
+    )
+
+
 def sign_payment(challenge: Challenge, requirement: Requirement, signer: Signer, resource_url: str) -> SignedPayment:
-    """Sign through the SDK's EVM schemes (exact: EIP-3009 or Permit2; upto: a Permit2 ceiling) and encode."""
+    """Sign through the SDK's EVM schemes (exact: EIP-3009 or Permit2; upto: a Permit2 ceiling) and encode; an MPP
+    ``evm/charge`` offer as a ``Payment`` credential; an x402 offer of a dual-rail route with its route binding."""
+    try:
+        if requirement.mpp:
+            return _sign_mpp(requirement, signer)
+        if _route_bound(challenge, requirement):
+            return _sign_route_bound(challenge, requirement, signer)
+    except PaymentRequiredError:
+        raise
+    except Exception as exc:
+        raise SignerError(f"could not sign the payment: {type(exc).__name__}: {_safe(exc)}") from None
     try:
         if challenge.dialect is Dialect.V1:
             from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
@@ -398,7 +753,31 @@ def _safe(exc: Exception) -> str:
 
 
 def decode_settlement(headers: Mapping[str, str]) -> Settlement | None:
-    """Decode ``PAYMENT-RESPONSE`` / ``X-PAYMENT-RESPONSE``; a garbled header gives ``success=False`` with an error."""
+    """Decode ``PAYMENT-RESPONSE`` / ``X-PAYMENT-RESPONSE``, else MPP's ``Payment-Receipt``; a garbled header gives
+    ``success=False`` with an error. An MPP receipt names neither payer nor network (`bind_settlement`)."""
+    settlement = _decode_x402_settlement(headers)
+    if settlement is not None:
+        return settlement
+    value = headers.get(mpp.RECEIPT_HEADER)
+    if value is None:
+        return None
+    try:
+        receipt = mpp.read_receipt(value)
+    except (ValueError, PaymentRequiredError) as exc:
+        return Settlement(False, None, None, None, None, error=str(exc)[:200])
+    return Settlement(receipt.status == "success", receipt.reference or None, None, None, None)
+
+
+def bind_settlement(payment: SignedPayment, settlement: Settlement | None) -> Settlement | None:
+    """An MPP ``Payment-Receipt`` answers the credential sent with this very request and names no payer, network or
+    asset: read it as this payment's (it cannot lower what an exact charge counts). Any other report is unchanged."""
+    if settlement is None or not payment.requirement.mpp or settlement.payer is not None:
+        return settlement
+    req = payment.requirement
+    return replace(settlement, payer=payment.payer, network=req.network, asset=req.asset)
+
+
+def _decode_x402_settlement(headers: Mapping[str, str]) -> Settlement | None:
     for name in SETTLEMENT_HEADERS:
         value = headers.get(name)
         if value is None:
