@@ -1,15 +1,19 @@
-"""Shared fixtures: an isolated HOME and environment, a real sandbox gateway and a real Redis-compatible server, each
-server on a free 127.0.0.1 port."""
+"""Shared fixtures: an isolated HOME and environment, a real sandbox gateway, a real Redis-compatible server and a
+real PostgreSQL server, each server on a free 127.0.0.1 port."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +139,121 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """The Redis-compatible server binary, for tests that start (and restart) servers of their own."""
+    return redis_compatible_server()
+
+
+def postgres_bin_dir() -> Path | None:
+    """The folder of a system PostgreSQL's ``postgres`` and ``initdb``: ``postgres`` on PATH, else Debian's
+    ``/usr/lib/postgresql/<version>/bin`` (the ``postgresql`` package puts neither on PATH); ``None`` when absent."""
+    on_path = shutil.which("postgres")
+    candidates = [Path(on_path).resolve().parent] if on_path else []
+    debian = Path("/usr/lib/postgresql").glob("*/bin")
+    candidates += sorted(debian, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    for folder in candidates:
+        if os.access(folder / "postgres", os.X_OK) and os.access(folder / "initdb", os.X_OK):
+            return folder
+    return None
+
+
+def _start_system_postgres(bin_dir: Path, folder: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """initdb a cluster in ``folder`` and run ``postgres`` on a free loopback port (TCP only, trust authentication).
+    PostgreSQL refuses to run as root: as root, the cluster belongs to the ``postgres`` system user (or ``nobody``)."""
+    as_user: dict[str, object] = {}
+    if os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam("postgres")
+        except KeyError:
+            entry = pwd.getpwnam("nobody")
+        os.chown(folder, entry.pw_uid, entry.pw_gid)
+        as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    data = folder / "data"
+    init = subprocess.run(
+        [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=False,
+        **as_user,  # type: ignore[call-overload]
+    )
+    if init.returncode != 0:
+        pytest.fail(f"initdb ({bin_dir}) failed: {init.stderr.strip()[-2000:]}")
+    port = _free_port()
+    log = (folder / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(bin_dir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "max_connections=300",
+        ],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        **as_user,  # type: ignore[call-overload]
+    )
+    log.close()
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", proc
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session; yields a ``postgresql://`` URL of its ``postgres`` database.
+
+    The system's ``postgres``/``initdb`` when installed (CI may install Debian's ``postgresql``), else the server the
+    ``pgserver`` wheel (in the ``dev`` extra) ships. In a fresh temporary folder, stopped and removed at the end. Neither
+    FAILS the test with a message; it never skips."""
+    import psycopg
+
+    folder = Path(tempfile.mkdtemp(prefix="llm402-pg-"))  # under /tmp: the server's user must reach it
+    bin_dir = postgres_bin_dir()
+    proc: subprocess.Popen[bytes] | None = None
+    bundled: Any = None
+    try:
+        if bin_dir is not None:
+            url, proc = _start_system_postgres(bin_dir, folder)
+        else:
+            try:
+                import pgserver
+            except ImportError:
+                pytest.fail(
+                    "no PostgreSQL server: the PostgreSQL ledger tests need a real one. Install the dev extra "
+                    "(pip install -e '.[dev]' brings one with the pgserver wheel) or the system's "
+                    "(apt-get install postgresql)"
+                )
+            bundled = pgserver.get_server(folder / "data", cleanup_mode="stop")  # type: ignore[attr-defined]
+            url = str(bundled.get_uri())
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+                break
+            except psycopg.OperationalError as exc:
+                if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+                    log = folder / "server.log"
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    pytest.fail(f"PostgreSQL did not start ({url}): {exc}\n{tail}")
+                time.sleep(0.05)
+        yield url
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)  # fast shutdown: roll back open transactions, checkpoint, exit
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if bundled is not None:
+            bundled.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -6,12 +6,21 @@ from __future__ import annotations
 import threading
 import time
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from llm402.budget import Caps, Hold, open_ledger
 from llm402.errors import BudgetExceeded
 
+SHARED = ("sqlite", "redis", "postgres")
+"""The backends other processes can open too (one file or one server)."""
 T0 = 1_700_000_000.0
 """2023-11-14 22:13:20 UTC."""
+
+
+def with_query(url: str, **options: str) -> str:
+    """``url`` with query options added (a server URL may already carry some, e.g. ``?host=/socket/dir``)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, urlencode(options)]))))
 
 
 class Clock:

@@ -1,16 +1,20 @@
-"""What only the durable backends promise: URLs, file permissions, indexes (SQLite); one hash slot, namespaces (Redis)."""
+"""What only the durable backends promise: URLs, file permissions, indexes (SQLite); one hash slot, namespaces (Redis);
+schemas, versions, the lock, reconnection (PostgreSQL)."""
 
 from __future__ import annotations
 
 import sqlite3
 import stat
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
-from ledger_support import T0, Clock
+from ledger_support import T0, Clock, with_query
 
 from llm402.budget import Caps, Hold, LedgerTotals, open_ledger
 from llm402.budget.base import receipt_day
+from llm402.budget.postgres import PostgresLedger, split_url
 from llm402.budget.redis import RedisLedger
 from llm402.budget.sqlite import SqliteLedger, path_from_url
 from llm402.errors import BudgetExceeded, ConfigurationError
@@ -19,14 +23,21 @@ from llm402.receipts import Receipt
 DAY = receipt_day(T0)
 
 
-def test_open_ledger_picks_the_backend(tmp_path: Path, redis_server: str) -> None:
+def test_open_ledger_picks_the_backend(tmp_path: Path, redis_server: str, postgres_server: str) -> None:
     sqlite_ledger = open_ledger(f"sqlite:///{tmp_path}/a.db")
     redis_ledger = open_ledger(f"{redis_server}?namespace=pick")
+    postgres_ledger = open_ledger(with_query(postgres_server, schema="pick"))
+    short_scheme = open_ledger(with_query(postgres_server.replace("postgresql://", "postgres://", 1), schema="pick"))
     assert isinstance(sqlite_ledger, SqliteLedger)
     assert isinstance(redis_ledger, RedisLedger)
+    assert isinstance(postgres_ledger, PostgresLedger)
+    assert isinstance(short_scheme, PostgresLedger)
     assert redis_ledger.namespace == "pick"
-    sqlite_ledger.close()
-    redis_ledger.close()
+    assert postgres_ledger.schema == short_scheme.schema == "pick"
+    for opened in (sqlite_ledger, redis_ledger, postgres_ledger, short_scheme):
+        opened.close()
+    with pytest.raises(ConfigurationError, match="postgresql://"):
+        open_ledger("mysql://x/y")
 
 
 # --- SQLite ---------------------------------------------------------------------------------------------------------
@@ -138,6 +149,125 @@ def test_redis_namespaces_are_independent(redis_server: str) -> None:
 def test_redis_rejects_a_namespace_with_braces(redis_server: str) -> None:
     with pytest.raises(ConfigurationError):
         RedisLedger.from_url(f"{redis_server}?namespace=a{{b}}")
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_url(postgres_server: str) -> str:
+    return with_query(postgres_server, schema=f"durable_{uuid.uuid4().hex[:12]}")
+
+
+def test_postgres_urls() -> None:
+    assert split_url("postgresql://u:pw@db.example:5433/budget?schema=team_a&sslmode=require") == (
+        "postgresql://u:pw@db.example:5433/budget?sslmode=require",
+        "team_a",
+    )
+    assert split_url("postgres://u@/budget?host=/run/pg")[1] == "llm402"
+    for bad in (
+        "postgresql://h/db?schema=a-b",
+        "postgresql://h/db?schema=",
+        'postgresql://h/db?schema=x"y',
+        "redis://x",
+    ):
+        with pytest.raises(ConfigurationError):
+            split_url(bad)
+
+
+def test_postgres_repr_hides_the_password(pg_url: str) -> None:
+    url = pg_url.replace("postgres@", "postgres:hunter2secret@", 1)  # trust authentication ignores the password
+    ledger = PostgresLedger.from_url(url)
+    assert "hunter2secret" not in repr(ledger)
+    assert "127.0.0.1" in repr(ledger) or "postgres" in repr(ledger)
+    ledger.close()
+
+
+def test_postgres_state_survives_reopening_and_schemas_are_independent(pg_url: str) -> None:
+    first = open_ledger(pg_url, clock=Clock())
+    first.reserve(Hold("c1", "a", DAY, 300, T0 + 60), Caps())
+    first.reserve(Hold("c2", "a", DAY, 200, T0 + 60), Caps())
+    first.settle("c2", 150, None)
+    first.close()
+    second = open_ledger(pg_url, clock=Clock())
+    assert second.totals("a", DAY) == LedgerTotals(150, 300, 150, 300, 150, 300)
+    other = open_ledger(pg_url.replace("schema=durable_", "schema=other_"), clock=Clock())
+    assert other.totals("a", DAY) == LedgerTotals(0, 0, 0, 0, 0, 0)
+    other.reserve(Hold("c1", "a", DAY, 900, T0 + 60), Caps(global_=1_000))  # same call id, other budget
+    second.close()
+    other.close()
+
+
+def test_postgres_refuses_a_newer_schema_version(pg_url: str) -> None:
+    ledger = PostgresLedger.from_url(pg_url)
+    schema = ledger.schema
+    ledger._conn.execute(f'UPDATE "{schema}".meta SET schema_version = 99')
+    ledger.close()
+    with pytest.raises(ConfigurationError, match="schema version 99"):
+        PostgresLedger.from_url(pg_url)
+
+
+def test_postgres_receipt_with_a_nul_escape_is_stored(pg_url: str) -> None:
+    """A gateway's error text may hold U+0000; a ``jsonb`` column would refuse it and lose a paid call's receipt."""
+    ledger = open_ledger(pg_url, clock=Clock())
+    odd = Receipt("r", "alice", None, "gw", "POST", "/v1/chat/completions", None, 502, False, T0, 1.0, error="a\x00b")
+    ledger.record(odd)
+    assert list(ledger.receipts()) == [odd]
+    ledger.close()
+
+
+def test_postgres_reserve_waits_for_the_ledger_lock(pg_url: str) -> None:
+    """The advisory lock serializes money writes: a reserve waits while another session holds it, then sees what that
+    session committed (so two reserves can never both read the same free room)."""
+    import psycopg
+
+    from llm402.budget.postgres import _lock_key
+
+    ledger = PostgresLedger.from_url(pg_url, clock=Clock())
+    caps = Caps(daily=1_000)
+    other = psycopg.connect(pg_url.split("?", maxsplit=1)[0], autocommit=True)
+    other.execute("BEGIN")
+    other.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(ledger.schema),))
+    other.execute(
+        f'INSERT INTO "{ledger.schema}".reservations (call_id, agent, day, amount, state, expires_at) '
+        "VALUES ('rival', 'alice', %s, 700, 'held', %s)",
+        (DAY, T0 + 60),
+    )
+    outcome: list[object] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(_try_reserve(ledger, Hold("mine", "alice", DAY, 400, T0 + 60), caps))
+    )
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive(), "the reserve must wait for the lock"
+    other.execute("COMMIT")
+    worker.join(10)
+    assert outcome == ["refused"], "after the lock, the rival's 700 is seen: 400 more would break the cap"
+    other.close()
+    ledger.close()
+
+
+def _try_reserve(ledger: PostgresLedger, hold: Hold, caps: Caps) -> str:
+    try:
+        ledger.reserve(hold, caps)
+    except BudgetExceeded:
+        return "refused"
+    return "reserved"
+
+
+def test_postgres_reconnects_after_the_server_drops_the_session(pg_url: str) -> None:
+    import psycopg
+
+    ledger = PostgresLedger.from_url(pg_url, clock=Clock())
+    ledger.reserve(Hold("c1", "a", DAY, 100, T0 + 60), Caps())
+    pid = ledger._conn.info.backend_pid
+    with psycopg.connect(pg_url.split("?", maxsplit=1)[0], autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg.OperationalError):
+        ledger.reserve(Hold("c2", "a", DAY, 100, T0 + 60), Caps())  # the call that meets the dead session fails
+    ledger.reserve(Hold("c2", "a", DAY, 100, T0 + 60), Caps())  # the next one reconnects
+    assert ledger.totals("a", DAY).day_reserved == 200
+    ledger.close()
 
 
 def test_receipt_json_is_the_to_dict_document() -> None:

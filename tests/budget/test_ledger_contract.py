@@ -1,4 +1,5 @@
-"""The `Ledger` contract, run against every backend: memory (the reference), a SQLite file and a real Redis server.
+"""The `Ledger` contract, run against every backend: memory (the reference), a SQLite file, a real Redis server and a
+real PostgreSQL server.
 
 Invariants 3 (a reservation is durable; a crash leaves it counted, recovery is conservative) and 4 (committed plus
 reserved never exceeds a cap under any concurrency) are checked here, with threads, processes and SIGKILL.
@@ -15,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from ledger_support import T0, Clock, reserve_many, reserve_then_hang
+from ledger_support import SHARED, T0, Clock, reserve_many, reserve_then_hang
 
 from llm402.budget import Caps, Hold, Ledger, LedgerTotals, MemoryLedger, open_ledger
 from llm402.budget.base import DEFAULT_RESERVATION_TTL
@@ -365,7 +366,7 @@ def test_threads_never_break_a_cap(ledger_url: str, backend: str) -> None:
         opened.close()
 
 
-@pytest.mark.parametrize("shared_url", ["sqlite", "redis"], indirect=True)
+@pytest.mark.parametrize("shared_url", SHARED, indirect=True)
 def test_processes_never_break_a_cap(shared_url: str) -> None:
     """4 spawned processes x 8 threads share one file or one server: exactly 100 reservations win overall."""
     with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -380,7 +381,7 @@ def test_processes_never_break_a_cap(shared_url: str) -> None:
 # --- crashes: invariant 3 ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shared_url", ["sqlite", "redis"], indirect=True)
+@pytest.mark.parametrize("shared_url", SHARED, indirect=True)
 @pytest.mark.parametrize("exposed", [False, True], ids=["held", "exposed"])
 def test_sigkill_between_reserve_and_settle(shared_url: str, exposed: bool) -> None:
     ctx = multiprocessing.get_context("spawn")

@@ -28,7 +28,7 @@ def price_of_one_call(sandbox: SandboxServer) -> int:
     return quote.amount
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 def test_processes_and_threads_never_overspend(
     backend: str, sandbox: SandboxServer, view: SandboxView, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -39,8 +39,11 @@ def test_processes_and_threads_never_overspend(
     view.fund(wallet.address, cap * 3)
     if backend == "sqlite":
         ledger_url = f"sqlite:///{tmp_path}/race.db"
-    else:
+    elif backend == "redis":
         ledger_url = f"{request.getfixturevalue('redis_server')}?namespace=race-{os.getpid()}-{time.time_ns()}"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        ledger_url = f"{server}{'&' if '?' in server else '?'}schema=race_{os.getpid()}_{time.time_ns()}"
     processes, threads, calls = 8, 16, 1
     jobs = [(f"{sandbox.url}/v1", wallet.export_private_key(), ledger_url, cap_usd, threads, calls)] * processes
     with multiprocessing.get_context("spawn").Pool(processes) as pool:

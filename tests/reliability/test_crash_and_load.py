@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from llm402 import Gateway, Policy, Wallet
 from llm402.budget import open_ledger
@@ -49,13 +50,26 @@ def charged(sandbox: SandboxServer, address: str, funded: int) -> int:
     return funded - int(httpx.get(f"{sandbox.url}/sandbox/balance/{address}").json()["balance"])
 
 
-def test_sigkill_at_random_points_fifty_times(sandbox: SandboxServer, tmp_path: Path) -> None:
+def shared_ledger_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh ledger every process of a test can open: a SQLite file, a Redis namespace or a PostgreSQL schema."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/crash.db"
+    if backend == "redis":
+        return f"{request.getfixturevalue('redis_server')}?namespace=crash-{time.time_ns()}"
+    server = request.getfixturevalue("postgres_server")
+    return f"{server}{'&' if '?' in server else '?'}schema=crash_{time.time_ns()}"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+def test_sigkill_at_random_points_fifty_times(
+    backend: str, sandbox: SandboxServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     unit = price(sandbox)
     cap = 400 * unit
     funded = cap * 2
     wallet = Wallet.create()
     fund(sandbox, wallet.address, funded)
-    ledger_url = f"sqlite:///{tmp_path}/crash.db"
+    ledger_url = shared_ledger_url(backend, tmp_path, request)
     rng = random.Random(402)
     argv = [sys.executable, "-c", LOOPER, f"{sandbox.url}/v1", wallet.export_private_key(), ledger_url]
     argv.append(str(Decimal(cap) / 1_000_000))

@@ -1,4 +1,5 @@
-"""Ledger URLs: ``memory://``, ``sqlite:///path`` (default ``~/.llm402/ledger.db`` or ``LLM402_LEDGER``), ``redis://``."""
+"""Ledger URLs: ``memory://``, ``sqlite:///path`` (default ``~/.llm402/ledger.db`` or ``LLM402_LEDGER``), ``redis://``,
+``postgresql://`` (or ``postgres://``)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def open_ledger(url: str | None = None, *, clock: Callable[[], float] | None = N
         from .redis import RedisLedger
 
         return RedisLedger.from_url(url) if clock is None else RedisLedger.from_url(url, clock=clock)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresLedger
+
+        return PostgresLedger.from_url(url) if clock is None else PostgresLedger.from_url(url, clock=clock)
     raise ConfigurationError(
-        f"unknown ledger URL scheme {scheme!r} (use memory://, sqlite:///path or redis://host:port/db)"
+        f"unknown ledger URL scheme {scheme!r} (use memory://, sqlite:///path, redis://host:port/db or "
+        "postgresql://user@host:port/dbname)"
     )
