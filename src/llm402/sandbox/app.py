@@ -1173,6 +1173,8 @@ async def _internal_error(_request: Request, exc: Exception) -> Response:
 
 def create_app(config: SandboxConfig | None = None) -> Starlette:
     """The sandbox as a Starlette app (its state lives in ``app.state.sandbox``; the store closes on shutdown)."""
+    from .mpp import mpp_routes  # imported here: sandbox/mpp.py builds on this module
+
     cfg = config or SandboxConfig()
     store = Store(cfg.db_path)
     upstream = Upstream(cfg.upstream_url, cfg.upstream_api_key) if cfg.upstream_url else None
@@ -1197,6 +1199,7 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
         *api_routes("/upto", "upto"),
         *free_routes("/free"),
         *aisa_routes("/aisa"),
+        *mpp_routes(),  # MPP evm/charge: /mpp/v1, /mpp-auth/v1 and the dual-rail /dual/v1 (sandbox/mpp.py)
     ]
 
     @contextlib.asynccontextmanager
