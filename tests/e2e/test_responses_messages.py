@@ -52,7 +52,7 @@ def respond(client: openai.OpenAI, stream: bool, **kw: Any) -> tuple[int, int]:
         return response.usage.input_tokens, response.usage.output_tokens
     events = list(client.responses.create(**{**RESPONSES_KW, **kw}, stream=True))
     assert events[-1].type in ("response.completed", "response.incomplete")
-    usage = events[-1].response.usage  # type: ignore[union-attr]
+    usage = events[-1].response.usage
     assert usage is not None
     return usage.input_tokens, usage.output_tokens
 
@@ -138,6 +138,40 @@ def test_responses_paid_upto_settle_the_metered_cost(
     assert ledger_total(gw) == charged
 
 
+def test_a_responses_tool_loop_pays_each_model_call_once(
+    sandbox: SandboxServer, view: SandboxView, wallet: Wallet
+) -> None:
+    gw = Gateway(f"{sandbox.url}/upto/v1", wallet=wallet, ledger="memory://", policy=Policy(max_payment_usd="1"))
+    client = sdk(gw)
+    tool: Any = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "strict": True,
+    }
+    history: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.responses.create(model="sandbox/small", input=history, tools=[tool], max_output_tokens=64)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    history += [
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
+    events = list(
+        client.responses.create(model="sandbox/small", input=history, tools=[tool], max_output_tokens=64, stream=True)
+    )
+    final = events[-1].response  # type: ignore[union-attr]
+    assert first.usage is not None and final.usage is not None
+    assert final.output_text == "The tool returned: sunny"
+    receipts = gw.receipts()
+    assert len(receipts) == 2 and all(r.payment is not None for r in receipts)
+    assert [(r.prompt_tokens, r.completion_tokens) for r in receipts] == [
+        (first.usage.input_tokens, first.usage.output_tokens),
+        (final.usage.input_tokens, final.usage.output_tokens),
+    ]
+    assert sum(r.cost for r in receipts) == FUNDS - view.balance(wallet.address) == ledger_total(gw)
+    assert len(view.settlements(wallet.address)) == 2
+
+
 @pytest.mark.parametrize("mount", ["/v1", "/upto/v1"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_messages_paid_by_raw_httpx(
@@ -172,6 +206,17 @@ def test_messages_through_the_anthropic_sdk(sandbox: SandboxServer, view: Sandbo
     second = only_receipt(gw, True)
     assert (second.prompt_tokens, second.completion_tokens) == (final.usage.input_tokens, final.usage.output_tokens)
     assert first.cost + second.cost == FUNDS - view.balance(wallet.address)
+    free = plain(sandbox)
+    client = anthropic.Anthropic(
+        base_url=free.base_url.removesuffix("/v1"), api_key=free.api_key, http_client=free.httpx2_client()
+    )
+    events = list(
+        client.messages.create(**{**kw, "messages": [{"role": "user", "content": PROMPT}]}, max_tokens=16, stream=True)
+    )
+    receipt = only_receipt(free, True)
+    tokens = (events[0].message.usage.input_tokens, events[-2].usage.output_tokens)
+    assert tokens[0] > 2000 and (receipt.prompt_tokens, receipt.completion_tokens) == tokens
+    assert receipt.cost == PRICE.cost(*tokens)
 
 
 # --- AIsa: the cost in each API's usage -------------------------------------------------------------------------------
