@@ -165,6 +165,8 @@ def usage_from_json(data: Any) -> Usage | None:
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 """The Responses API's terminal stream events: each carries the whole response, ``usage`` included."""
 
+_KIND_PARSE_BYTES = 64 * 1024
+"""An answer without usage is parsed (to tell an error from an answer) only up to this size."""
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -188,6 +190,8 @@ def _answer_kind(body: bytes, streaming: bool) -> str | None:
     text = body.strip()
     if not text:
         return None
+    if text.startswith(b"{") and len(text) > _KIND_PARSE_BYTES:  # an image, say: not an error body, not parsed
+        return "JSON answer"
     if text.startswith(b"{"):
         try:
             data = json.loads(text)
