@@ -29,7 +29,16 @@ from rich.table import Table
 
 from ._version import __version__
 
-console = Console(highlight=False)
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console: the terminal's width on a terminal, else (a pipe, a file) 160 columns unless ``COLUMNS`` says,
+    so tables written to a file are not squeezed to 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(highlight=False, stderr=stderr, width=160 if wide else None)
+
+
+console = make_console()
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1

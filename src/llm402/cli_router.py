@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -28,6 +27,7 @@ from .cli import (
     Parser,
     gateway_options,
     load_policy,
+    make_console,
     positive_float,
     positive_int,
     run,
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from .receipts import Receipt
     from .router import Router
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = make_console()
+err = make_console(stderr=True)
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------

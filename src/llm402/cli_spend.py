@@ -97,6 +97,9 @@ class Tally:
 
     calls: int = 0
     topup_count: int = 0
+    paid_calls: int = 0
+    credit_calls: int = 0
+    plain_calls: int = 0
     paid: int = 0
     topups: int = 0
     credit_usage: int = 0
@@ -119,6 +122,7 @@ class Tally:
         self.prompt_tokens += receipt.prompt_tokens
         self.completion_tokens += receipt.completion_tokens
         if billing == "x402":
+            self.paid_calls += 1
             self.paid += receipt.cost
             payment = receipt.payment
             if payment is not None and payment.scheme == "upto" and not payment.reused:
@@ -126,8 +130,10 @@ class Tally:
                 self.upto_ceiling += payment.amount
                 self.upto_settled += receipt.cost
         elif billing == "credit":
+            self.credit_calls += 1
             self.credit_usage += receipt.cost
         elif billing == "plain":
+            self.plain_calls += 1
             self.plain_usage += receipt.cost
 
     @property
@@ -142,7 +148,14 @@ class Tally:
 
     def to_dict(self, key: str | None = None) -> dict[str, Any]:
         """A JSON row: counts, tokens, and each amount of `MONEY` as an integer and a ``*_usd`` string."""
-        row: dict[str, Any] = {"key": key, "calls": self.calls, "topup_count": self.topup_count}
+        row: dict[str, Any] = {
+            "key": key,
+            "calls": self.calls,
+            "topup_count": self.topup_count,
+            "paid_calls": self.paid_calls,
+            "credit_calls": self.credit_calls,
+            "plain_calls": self.plain_calls,
+        }
         for name in MONEY:
             amount = getattr(self, name)
             row[name] = amount
@@ -499,6 +512,10 @@ def _d(amount: int | None) -> str:
     return _e(_usd(amount))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _card(title: str, amount: int, note: str, main: bool = False) -> str:
     return (
         f'<div class="card{" main" if main else ""}"><small>{_e(title)}</small><b>{_d(amount)}</b>'
@@ -506,8 +523,18 @@ def _card(title: str, amount: int, note: str, main: bool = False) -> str:
     )
 
 
+def _nice_top(top: int) -> int:
+    """The smallest 1, 2, 2.5 or 5 times a power of ten (atomic units) at or above ``top``: round axis labels."""
+    scale = 1
+    while True:
+        for tenths in (10, 20, 25, 50):
+            if tenths * scale % 10 == 0 and tenths * scale // 10 >= top:
+                return tenths * scale // 10
+        scale *= 10
+
+
 def _ticks(top: int) -> list[int]:
-    return [round(top * i / 4) for i in range(5)]
+    return [top * i // 4 for i in range(5)]
 
 
 def svg_day_model_chart(receipts: Sequence[Receipt], credit: frozenset[str]) -> str:
@@ -519,7 +546,7 @@ def svg_day_model_chart(receipts: Sequence[Receipt], credit: frozenset[str]) -> 
     width, height, left, bottom, top_pad = 1080, 300, 90, 40, 12
     plot_w, plot_h = width - left - 10, height - bottom - top_pad
     day_totals = [sum(amounts.get((day, m), 0) for m in models) for day in days]
-    top = max(day_totals) or 1
+    top = _nice_top(max(day_totals) or 1)
     slot = plot_w / len(days)
     bar = max(2.0, min(48.0, slot * 0.7))
     parts = [
@@ -700,16 +727,20 @@ def html_report(document: Mapping[str, Any], receipts: Sequence[Receipt], credit
     cards = "".join(
         (
             _card("Left the wallet", t["wallet"], "x402 payments + top-ups", main=True),
-            _card("Per-call x402 payments", t["paid"], f"{t['calls']} calls in all"),
-            _card("Credit top-ups", t["topups"], f"{t['topup_count']} top-ups"),
-            _card("Used from credit", t["credit_usage"], "drawn on prepaid credit"),
-            _card("Plain gateways", t["plain_usage"], "billed by the gateway"),
+            _card("Per-call x402 payments", t["paid"], _count(t["paid_calls"], "paid call")),
+            _card("Credit top-ups", t["topups"], _count(t["topup_count"], "top-up")),
+            _card("Used from credit", t["credit_usage"], _count(t["credit_calls"], "call") + " on prepaid credit"),
+            _card("Plain gateways", t["plain_usage"], _count(t["plain_calls"], "call") + ", billed by the gateway"),
             _card(
                 "upto: settled",
                 t["upto_settled"],
-                f"of {_usd(t['upto_ceiling'])} authorized; {_usd(released)} never moved",
-            ),
-            _card("Saved by the cache", t["saved"], "answers not paid twice"),
+                f"of {_usd(t['upto_ceiling'])} authorized in {_count(t['upto_calls'], 'call')}; "
+                f"{_usd(released)} never moved",
+            )
+            if t["upto_calls"]
+            else "",
+            _card("Saved by the cache", t["saved"], "answers not paid twice") if t["saved"] else "",
+            _card("All calls", t["cost"], _count(t["calls"], "call") + " consumed"),
         )
     )
     groups = (
@@ -757,7 +788,12 @@ def _receipts(args: argparse.Namespace) -> int:
     columns = ["time (UTC)", "agent", "model", "billing", "tokens", "cost", *(["paid"] if ceilings else []), "tx"]
     for column in columns:
         numeric = column in ("tokens", "cost", "paid")
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "model", overflow="fold")
+        table.add_column(
+            column,
+            justify="right" if numeric else "left",
+            no_wrap=column != "model",
+            min_width={"model": 12, "cost": 9, "paid": 9, "billing": 9}.get(column),
+        )
     for r in shown:
         p = r.payment
         cells = [
