@@ -194,9 +194,22 @@ def _ledger_url(args: argparse.Namespace | None) -> str:
     return safe_url(getattr(args, "ledger", None) or default_ledger_url())
 
 
+def _raised_in(exc: BaseException, *packages: str) -> bool:
+    """Whether ``exc`` was raised while code of one of ``packages`` ran (a frame of its traceback is theirs)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if any(module == p or module.startswith(p + ".") for p in packages):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _redis_failure(exc: BaseException, args: argparse.Namespace | None) -> Failure | None:
     if "redis" not in sys.modules:
         return None
+    if isinstance(exc, ValueError | TypeError) and _raised_in(exc, "redis"):  # redis-py parsing the ledger URL
+        return Failure(EXIT_CONFIG, "invalid_ledger_url", f"invalid ledger URL {_ledger_url(args)}: {exc}")
     from redis import exceptions as redis_errors
 
     if not isinstance(exc, redis_errors.RedisError):

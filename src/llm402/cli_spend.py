@@ -204,21 +204,25 @@ def _missing_sqlite(url: str) -> Path | None:
     return None if path.exists() or parts.path in ("", "/:memory:") else path
 
 
-def _read(args: argparse.Namespace) -> tuple[list[Receipt], frozenset[str], dict[str, Any] | None]:
-    """The selected receipts, the credit gateways, and the caps (with today's totals) of the policy in force."""
+def _read(
+    args: argparse.Namespace, *, with_caps: bool = True
+) -> tuple[list[Receipt], frozenset[str], dict[str, Any] | None]:
+    """The selected receipts, the credit gateways, and (``with_caps``) the caps of the policy in force with today's
+    totals."""
     from .budget import open_ledger
 
-    policy = load_policy(args)  # a bad policy is a configuration error before the ledger is read
+    policy = load_policy(args) if with_caps else None  # a bad policy is a configuration error before any reading
     url = _ledger_url(args)
     if _missing_sqlite(url) is not None:
-        return [], frozenset(), caps_view(args, policy, None, [])
+        return [], frozenset(), caps_view(args, policy, None, []) if policy is not None else None
     ledger = open_ledger(url)
     try:
         everything = list(ledger.receipts(args.since))
-        credit = credit_gateways(everything)
+        # A gateway is a credit gateway if the wallet ever topped up there, before the window too.
+        credit = credit_gateways(everything if args.since is None else ledger.receipts())
         selected = [r for r in everything if _selected(r, args)]
         agents = [args.agent] if args.agent else _agents(selected)
-        caps = caps_view(args, policy, ledger, agents)
+        caps = caps_view(args, policy, ledger, agents) if policy is not None else None
     finally:
         ledger.close()
     return selected, credit, caps
@@ -774,7 +778,7 @@ def _short(value: str | None, keep: int = 10) -> str:
 
 
 def _receipts(args: argparse.Namespace) -> int:
-    receipts, credit, _ = _read(args)
+    receipts, credit, _ = _read(args, with_caps=False)
     shown = receipts[-args.limit :] if args.limit else receipts
     if args.json:
         emit_json([{**receipt_view(r), "billing": billing_of(r, credit)} for r in shown])

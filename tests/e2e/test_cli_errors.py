@@ -161,6 +161,8 @@ def test_configuration_errors_exit_3(sandbox: SandboxServer, key: str, tmp_path:
     assert error["code"] == "configuration_error" and "max_paymnt_usd" in error["message"]
     line = one_line(cli("spend", "--ledger", "ftp://ledger"), 3)
     assert "unknown ledger URL scheme" in line
+    line = one_line(cli("receipts", "--ledger", "redis://:hunter2@localhost:noport/0"), 3)
+    assert line.startswith("llm402: invalid ledger URL redis://localhost:noport/0") and "hunter2" not in line
 
 
 def test_a_policy_refusal_exits_4_and_pays_nothing(sandbox: SandboxServer, view: SandboxView, wallet: Wallet) -> None:
