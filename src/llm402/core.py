@@ -244,14 +244,16 @@ class NotePayment:
     call_id: str = ""
     now: float = 0.0
     transaction: str | None = None
+    counted: bool = False
+    """With ``unknown``: the attempt counted the payment as spent."""
 
 
 @dataclass(frozen=True, slots=True)
 class KeepQuote:
-    """Remember what a request shape cost, for one-round-trip payments."""
+    """Remember what a request shape cost, for one-round-trip payments (``None``: forget a stale quote)."""
 
     key: tuple[Any, ...]
-    challenge: Challenge
+    challenge: Challenge | None
     now: float
 
 
@@ -426,6 +428,8 @@ class OutstandingPayment:
     """The paid attempt ended without a usable answer: a retry re-sends this payment."""
     transaction: str | None = None
     """Set once a gateway showed that it settled (the answer it paid for was lost)."""
+    counted: bool = False
+    """Whether an attempt already counted it as spent (a refused one is only exposure until it expires)."""
 
 
 class PaymentMemory:
@@ -444,12 +448,14 @@ class PaymentMemory:
                 del self._entries[key]
             self._entries[fingerprint] = OutstandingPayment(payment, call_id)
 
-    def mark_unknown(self, fingerprint: str) -> None:
-        """The paid attempt ended without a usable answer: a retry re-sends this payment."""
+    def mark_unknown(self, fingerprint: str, counted: bool = False) -> None:
+        """The paid attempt ended without a usable answer: a retry re-sends this payment (``counted``: that attempt
+        counted it as spent)."""
         with self._lock:
             entry = self._entries.get(fingerprint)
             if entry is not None:
                 entry.resendable = True
+                entry.counted = entry.counted or counted
 
     def mark_settled(self, fingerprint: str, transaction: str | None) -> None:
         """A gateway showed that the payment settled; its answer was lost."""
@@ -457,6 +463,7 @@ class PaymentMemory:
             entry = self._entries.get(fingerprint)
             if entry is not None:
                 entry.resendable = True
+                entry.counted = True
                 entry.transaction = entry.transaction or transaction
 
     def forget(self, fingerprint: str) -> None:
@@ -734,12 +741,21 @@ class CallState:
     """Whether the ledger holds a reservation for this call."""
     payment: SignedPayment | None = None
     reused: bool = False
-    """``payment`` was signed by an earlier attempt of the same request (which counted it)."""
+    """``payment`` was signed by an earlier attempt of the same request."""
+    earlier: OutstandingPayment | None = None
+    """What is remembered of that earlier attempt (which may have counted the payment already)."""
+    prepaid_shape: tuple[Any, ...] | None = None
+    """The request shape whose remembered price paid this call up front (one round trip)."""
+
+    @property
+    def counts_payment(self) -> bool:
+        """Whether this attempt must count its payment: it signed it, or the attempt that did counted nothing."""
+        return self.payment is not None and (self.earlier is None or not self.earlier.counted)
 
     @property
     def cost_if_lost(self) -> int:
-        """What a paid attempt that ended without an answer counts: all of a payment this call signed."""
-        return self.payment.amount if self.payment is not None and not self.reused else 0
+        """What a paid attempt that ended without an answer counts: all of a payment no attempt counted yet."""
+        return self.payment.amount if self.payment is not None and self.counts_payment else 0
 
 
 def _receipt(cfg: FlowConfig, call: CallRequest, st: CallState, **fields: Any) -> Receipt:
@@ -1041,6 +1057,14 @@ def _topup_receipt(
 # --- one call ------------------------------------------------------------------------------------------------
 
 
+def refusal_flow(cfg: FlowConfig, call: CallRequest, error: PaymentRequiredError) -> Generator[Effect, Any, None]:
+    """A call refused before it starts (e.g. its live policy could not be read): a receipt and the local 402."""
+    started = cfg.clock()
+    st = CallState(cfg.new_id(), started, _day(started), {})
+    yield Finish(st.call_id, 0, _receipt(cfg, call, st, status=402, error=error.code), reserved=False)
+    yield Answer.refusal(error)
+
+
 def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None]:
     """One logical call, from policy check to receipt: gate, reserve, negotiate (key, 402, top-up), deliver and
     reconcile. Every refusal is answered locally with a receipt; nothing is signed outside the policy and ledger."""
@@ -1106,7 +1130,7 @@ def _reserve(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Eff
     """Reserve the estimate (nothing for a retry that re-sends a payment an earlier attempt counted)."""
     outstanding = None if call.pay_again else cfg.payments.reusable(call.fingerprint, st.started)
     if outstanding is not None:
-        st.payment, st.reused = outstanding.payment, True
+        st.payment, st.reused, st.earlier = outstanding.payment, True, outstanding
         st.headers[outstanding.payment.header_name] = outstanding.payment.header_value
     estimate = 0 if st.reused else estimate_cost(cfg.prices.lookup(call.model), call.json)
     yield Reserve(Hold(st.call_id, cfg.agent, st.day, estimate, st.started + cfg.hold_seconds, cfg.intent), cfg.caps())
@@ -1123,9 +1147,9 @@ def _send(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect
     except BaseException as exc:
         if isinstance(exc, GeneratorExit):
             raise
-        if st.payment is not None:
-            yield NotePayment(call.fingerprint, "unknown")
         cost = st.cost_if_lost
+        if st.payment is not None:
+            yield from _counting(call, st, cost)
         yield Finish(st.call_id, cost, _receipt(cfg, call, st, status=None, error=type(exc).__name__, cost=cost))
         raise
     return head
@@ -1172,6 +1196,7 @@ def _prepay(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effe
     except PaymentRequiredError:
         return  # the policy changed: pay the ordinary way, if at all
     yield from _sign_for(cfg, call, st, known, requirement)
+    st.prepaid_shape = quote_key(call)
 
 
 def _sign_for(
@@ -1232,6 +1257,16 @@ def _pay_and_replay(cfg: FlowConfig, call: CallRequest, st: CallState, head: Hea
     return head
 
 
+def _counting(call: CallRequest, st: CallState, cost: int, *, note: bool = True) -> Generator[Effect, Any, None]:
+    """This attempt counts ``cost`` of its payment: an earlier refused attempt's exposure is released (it is counted
+    here instead), and with ``note`` the payment stays resendable, marked as counted."""
+    earlier = st.earlier
+    if cost and earlier is not None and not earlier.counted:
+        yield Release(earlier.call_id)
+    if note:
+        yield NotePayment(call.fingerprint, "unknown", counted=cost > 0)
+
+
 _SETTLED_REASONS = ("nonce_already_used", "already_used", "already_settled", "settlement_pending")
 
 
@@ -1245,7 +1280,7 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
         return
     reason = _reason(head)
     if redirected:
-        yield NotePayment(call.fingerprint, "unknown")
+        yield from _counting(call, st, st.cost_if_lost)
         raise _Refused(
             PaymentRejected(
                 "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere",
@@ -1260,6 +1295,8 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
     if shown or any(word in reason for word in _SETTLED_REASONS):
         raise (yield from _settled_refusal(cfg, call, st, reason, settlement))
     yield NotePayment(call.fingerprint, "unknown")  # it may still settle: a retry re-sends it, never signs another
+    if st.prepaid_shape is not None:
+        yield KeepQuote(st.prepaid_shape, None, st.started)  # the remembered price is stale
     if st.reused:
         raise _Refused(
             PaymentOutcomeUnknown(
@@ -1288,7 +1325,8 @@ def _settled_refusal(
     entry = cfg.payments.reusable(call.fingerprint, st.started)
     transaction = transaction or (entry.transaction if entry is not None else None)
     paid_by = entry.call_id if entry is not None else st.call_id
-    cost = 0 if st.reused else charged(payment, settlement if settlement and settlement.success else None)
+    cost = charged(payment, settlement if settlement and settlement.success else None) if st.counts_payment else 0
+    yield from _counting(call, st, cost, note=False)
     return _Refused(
         PaidAnswerLost(
             f"the gateway shows this call's payment of {format_usd(payment.amount)} as settled "
@@ -1319,7 +1357,7 @@ def _deliver(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> G
     extra: dict[str, str] = {}
     if payment is not None:
         extra["x-should-retry"] = "false"
-        if cfg.cost_header and not st.reused:
+        if cfg.cost_header and st.counts_payment:
             if payment.requirement.upto and (settlement is None or not settlement.success):
                 extra["llm402-cost-max"] = str(payment.amount)  # an upto stream settles after its last byte
             else:
@@ -1328,10 +1366,14 @@ def _deliver(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> G
     ok = 200 <= head.status < 300
     usage = end.usage
     if payment is not None:
-        yield NotePayment(call.fingerprint, "answered" if ok and not end.aborted else "unknown")
         if end.settlement is not None and (settlement is None or not settlement.success):
             settlement = _own_settlement(payment, end.settlement)
-        actual = 0 if st.reused else charged(payment, settlement)  # a reused payment was counted when signed
+        actual = charged(payment, settlement) if st.counts_payment else 0  # unless an earlier attempt counted it
+        yield from _counting(call, st, actual, note=False)
+        answered = ok and not end.aborted
+        yield NotePayment(
+            call.fingerprint, "answered" if answered else "unknown", counted=not st.counts_payment or actual > 0
+        )
     else:
         metered = _usage_cost(cfg, call.model, usage)
         # no usage (an aborted stream, a gateway that never reports it): the reservation, an upper bound, not $0

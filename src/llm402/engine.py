@@ -42,9 +42,10 @@ from .core import (
     SignMessage,
     StoreKey,
     call_flow,
+    refusal_flow,
 )
 from .credit import load_key, store_key
-from .errors import ReservationHeld
+from .errors import PaymentRequiredError, ReservationHeld
 from .receipts import Receipt, current_receipt
 from .wallet import Signer
 from .x402 import MAX_CHALLENGE_BYTES, sign_payment
@@ -160,7 +161,10 @@ class Engine:
         """A new flow for one request (under the live policy, when the policy is a live source)."""
         config = self.config
         if config.policy_source is not None:
-            config.policy = config.policy_source()
+            try:
+                config.policy = config.policy_source()
+            except PaymentRequiredError as exc:  # e.g. an on-chain policy that was revoked or cannot be read
+                return refusal_flow(config, call, exc)
         return call_flow(config, call)
 
     def perform(self, effect: Effect) -> Any:
@@ -231,14 +235,17 @@ class Engine:
         if effect.state == "signed" and effect.payment is not None:
             payments.remember(fingerprint, effect.payment, effect.call_id, effect.now)
         elif effect.state == "unknown":
-            payments.mark_unknown(fingerprint)
+            payments.mark_unknown(fingerprint, effect.counted)
         elif effect.state == "settled":
             payments.mark_settled(fingerprint, effect.transaction)
         elif effect.state == "answered":
             payments.forget(fingerprint)
 
     def _keep_quote(self, effect: KeepQuote) -> None:
-        self.config.quotes.put(effect.key, effect.challenge, effect.now)
+        if effect.challenge is None:
+            self.config.quotes.forget(effect.key)
+        else:
+            self.config.quotes.put(effect.key, effect.challenge, effect.now)
 
     def _keep_answer(self, effect: KeepAnswer) -> None:
         if self.config.cache is not None:

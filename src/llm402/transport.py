@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from .core import Answer, Deliver, Effect, Head, Send, StreamEnd, describe_request
+from .core import Answer, CallRequest, Deliver, Effect, Head, Send, StreamEnd, describe_request
 from .engine import Engine, IOEffect, delivery_context
 from .metering import UsageMeter
 from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement
@@ -43,8 +43,10 @@ BODY_READ_SECONDS = 30.0
 """How long a body llm402 reads itself (at most 64 KiB: a 402 challenge, a top-up's or key mint's answer) may take to
 arrive whole; ``max_stream_seconds`` when that is shorter."""
 
+PAY_AGAIN_HEADER = "llm402-pay-again"
+"""A caller's header (removed before the wire): ``true`` pays again for a request identical to one already paid."""
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding"})
-_PAYMENT_HEADER_BYTES = frozenset(name.encode("ascii") for name in PAYMENT_HEADERS)
+_PAYMENT_HEADER_BYTES = frozenset(name.encode("ascii") for name in PAYMENT_HEADERS) | {PAY_AGAIN_HEADER.encode()}
 _SECRET_HEADER_BYTES = _PAYMENT_HEADER_BYTES | {b"authorization"}
 _DROPPED_ON_REBUILD = _PAYMENT_HEADER_BYTES | {name.encode("ascii") for name in _HOP_HEADERS}
 
@@ -154,7 +156,7 @@ class HttpStack(Protocol[Req, Resp]):
         """A new request to the caller's method and URL with these headers and body, read."""
         ...
 
-    def swap(self, request: Req, headers: RawHeaders | None, extensions: Mapping[str, Any]) -> Mapping[str, Any]:
+    def swap(self, request: Req, headers: RawHeaders | None, extensions: dict[str, Any]) -> dict[str, Any]:
         """Give the caller's request these headers (unless ``None``) and extensions; the extensions it had."""
         ...
 
@@ -298,7 +300,7 @@ def _narrow(timeouts: Timeouts, seconds: float) -> None:
 
 def _outgoing(
     stack: HttpStack[Req, Resp], request: Req, send: Send, placeholder_auth: str | None
-) -> tuple[Req, Timeouts, Mapping[str, Any] | None]:
+) -> tuple[Req, Timeouts, dict[str, Any] | None]:
     """The request to put on the wire: the caller's headers (minus any payment header they carried, and the
     placeholder API key an SDK insists on sending to a pay-per-call gateway), ours, and the body; the timeouts it
     carries (ours to narrow); and, when the caller's own request goes out, the extensions to give it back afterwards."""
@@ -310,10 +312,13 @@ def _outgoing(
     in_place = send.body is request.content and names.isdisjoint(_SECRET_HEADER_BYTES)
     skip = (_PAYMENT_HEADER_BYTES if in_place else _DROPPED_ON_REBUILD) | names
     placeholder = None if placeholder_auth is None else placeholder_auth.encode("ascii")
+    bare = None if placeholder is None else placeholder.removeprefix(b"Bearer ")  # the Anthropic SDK's x-api-key
     headers = [
         (key, value)
         for key, value in request.headers.raw
-        if (lower := key.lower()) not in skip and not (lower == b"authorization" and value == placeholder)
+        if (lower := key.lower()) not in skip
+        and not (lower == b"authorization" and value == placeholder)
+        and not (lower == b"x-api-key" and value == bare)
     ]
     if in_place:
         # the common case (first, unpaid send with the caller's body): the caller's request goes out with its headers
@@ -335,17 +340,22 @@ def _body_seconds(engine: Engine) -> float:
     return BODY_READ_SECONDS if limit is None else min(BODY_READ_SECONDS, limit)
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """One header's value (repeats joined), without the KeyError a missing one costs ``Headers.get``."""
+    return headers[name] if name in headers else None  # noqa: SIM401 (.get pays for a KeyError inside httpx)
+
+
 def _meter(response: ResponseView, deliver: Deliver, streaming: bool) -> UsageMeter:
     return UsageMeter(
         streaming=streaming,
-        content_encoding=response.headers.get("content-encoding"),
+        content_encoding=_header(response.headers, "content-encoding"),
         strip_usage_event=deliver.strip_usage_event,
     )
 
 
 def _decoded(response: ResponseView, raw: bytes) -> bytes:
     """The body for parsing: gzip/deflate undone (bounded), whatever the gateway sent despite ``identity``."""
-    if (response.headers.get("content-encoding") or "").lower() in ("gzip", "deflate", "x-gzip"):
+    if (_header(response.headers, "content-encoding") or "").lower() in ("gzip", "deflate", "x-gzip"):
         try:
             # both sides bounded: ``raw`` is at most MAX_CHALLENGE_BYTES plus one chunk, the output at most one more
             return zlib.decompressobj(wbits=47).decompress(raw, MAX_CHALLENGE_BYTES + 1)
@@ -431,10 +441,19 @@ def _read_bounded_sync(
     return bytes(body)
 
 
+def _describe(request: Any, body: bytes) -> CallRequest:
+    """What the flow needs to know of the caller's request (its credentials only as a digest)."""
+    headers = request.headers
+    pay_again = (headers.get(PAY_AGAIN_HEADER) or "").strip().lower() in ("1", "true", "yes")
+    return describe_request(
+        request.method, str(request.url), headers.get("content-type"), body, headers.get("authorization"), pay_again
+    )
+
+
 def handle_sync(stack: HttpStack[Req, Resp], engine: Engine, inner: SyncInner[Req, Resp], request: Req) -> Resp:
     """Run one call through the engine over a sync inner transport."""
     body = request.read()
-    call = describe_request(request.method, str(request.url), request.headers.get("content-type"), body)
+    call = _describe(request, body)
     flow = engine.flow(call)
     response: Resp | None = None
     consumed: bytes | None = None
@@ -452,9 +471,10 @@ def handle_sync(stack: HttpStack[Req, Resp], engine: Engine, inner: SyncInner[Re
                     finally:
                         if theirs is not None:
                             stack.swap(request, None, theirs)
-                    wanted = response.status_code == 402 or effect.read_body
-                    seconds = _body_seconds(engine)
-                    consumed = _read_bounded_sync(response, seconds, timeouts, stack.read_timeout) if wanted else None
+                    consumed = None
+                    if response.status_code == 402 or effect.read_body:
+                        seconds = _body_seconds(engine)
+                        consumed = _read_bounded_sync(response, seconds, timeouts, stack.read_timeout)
                     parsed = _decoded(response, consumed) if consumed is not None else None
                     head = Head(response.status_code, response.headers, parsed)
                 except BaseException as exc:
@@ -525,11 +545,12 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 _UNSET = object()
 
 
-async def _step(engine: Engine, flow: Flow, work: Callable[[], IOEffect | None]) -> IOEffect | None:
+async def _step(engine: Engine, flow: list[Flow], work: Callable[[], IOEffect | None]) -> IOEffect | None:
     """``work`` (steps of the flow, and the ledger and signer effects they ask for) on a worker thread.
 
-    A caller cancelled meanwhile waits for it (the thread is not abandoned) and then still ends the flow where it
-    stopped, so a reservation made there is never left without a receipt."""
+    ``flow`` holds the call's flow (``work`` puts it there when it makes it). A caller cancelled meanwhile waits for
+    the work (the thread is not abandoned) and then still ends the flow where it stopped, so a reservation made there
+    is never left without a receipt."""
     reached: list[IOEffect | None] = []
 
     def run() -> IOEffect | None:
@@ -540,9 +561,15 @@ async def _step(engine: Engine, flow: Flow, work: Callable[[], IOEffect | None])
         return await _off_loop(run)
     except BaseException as exc:
         stopped = reached[0] if reached else None
-        if stopped is not None and not isinstance(exc, GeneratorExit):
-            await _off_loop(partial(_abandon, engine, flow, stopped, exc))
+        if stopped is not None and flow and not isinstance(exc, GeneratorExit):
+            await _off_loop(partial(_abandon, engine, flow[0], stopped, exc))
         raise
+
+
+def _begin(engine: Engine, call: CallRequest, flow: list[Flow]) -> IOEffect | None:
+    """A new flow (under the live policy, which a policy source may have to read) and its first steps."""
+    flow.append(engine.flow(call))
+    return engine.advance(flow[0])
 
 
 def _abandon(engine: Engine, flow: Flow, effect: IOEffect, exc: BaseException) -> None:
@@ -570,7 +597,7 @@ async def _resume(engine: Engine, flow: Flow, head: Head) -> IOEffect | None:
         return None
     if isinstance(effect, _HTTP_EFFECTS):
         return effect
-    return await _step(engine, flow, lambda: _perform_and_advance(engine, flow, effect))
+    return await _step(engine, [flow], lambda: _perform_and_advance(engine, flow, effect))
 
 
 _HTTP_EFFECTS = (Send, Deliver, Answer)
@@ -640,12 +667,13 @@ async def handle_async(stack: HttpStack[Req, Resp], engine: Engine, inner: Async
     """Run one call through the engine over an async inner transport; the engine's work runs off the event loop."""
     body = await request.aread()
     call = describe_request(request.method, str(request.url), request.headers.get("content-type"), body)
-    flow = engine.flow(call)
+    started: list[Flow] = []
     response: Resp | None = None
     consumed: bytes | None = None
     timeouts: Timeouts = {}
     try:
-        effect = await _step(engine, flow, lambda: engine.advance(flow))
+        effect = await _step(engine, started, partial(_begin, engine, call, started))
+        flow = started[0]
         while True:
             if isinstance(effect, Send):
                 if response is not None:
@@ -657,18 +685,17 @@ async def handle_async(stack: HttpStack[Req, Resp], engine: Engine, inner: Async
                     finally:
                         if theirs is not None:
                             stack.swap(request, None, theirs)
-                    wanted = response.status_code == 402 or effect.read_body
-                    seconds = _body_seconds(engine)
-                    consumed = (
-                        await _read_bounded_async(response, seconds, timeouts, stack.read_timeout) if wanted else None
-                    )
+                    consumed = None
+                    if response.status_code == 402 or effect.read_body:
+                        seconds = _body_seconds(engine)
+                        consumed = await _read_bounded_async(response, seconds, timeouts, stack.read_timeout)
                     parsed = _decoded(response, consumed) if consumed is not None else None
                     head = Head(response.status_code, response.headers, parsed)
                 except BaseException as exc:
                     if isinstance(exc, GeneratorExit):
                         raise
                     # the flow records the failure (also a cancellation: the caller's own timeout) and re-raises it
-                    effect = await _step(engine, flow, partial(engine.advance, flow, None, exc))
+                    effect = await _step(engine, started, partial(engine.advance, flow, None, exc))
                     if not isinstance(exc, Exception):
                         raise
                     continue
@@ -725,12 +752,10 @@ class _Httpx:
         outgoing.read()
         return outgoing
 
-    def swap(
-        self, request: httpx.Request, headers: RawHeaders | None, extensions: Mapping[str, Any]
-    ) -> Mapping[str, Any]:
+    def swap(self, request: httpx.Request, headers: RawHeaders | None, extensions: dict[str, Any]) -> dict[str, Any]:
         if headers is not None:
             request.headers = httpx.Headers(headers)
-        theirs, request.extensions = request.extensions, dict(extensions)
+        theirs, request.extensions = request.extensions, extensions
         return theirs
 
     def local_response(self, request: httpx.Request, answer: Answer) -> httpx.Response:

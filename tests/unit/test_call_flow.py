@@ -289,7 +289,7 @@ def test_a_retry_resends_the_outstanding_payment_and_signs_nothing() -> None:
     with pytest.raises(TimeoutError):
         drive(call_flow(cfg, request()), first)
     cfg.payments.remember(request().fingerprint, first.signed[0], "call-0", 1_000_000.0)
-    cfg.payments.mark_unknown(request().fingerprint)
+    cfg.payments.mark_unknown(request().fingerprint, counted=True)  # what the engine notes for a lost answer
     effects = drive(call_flow(cfg, request()), Script([OK]))
     assert of(effects, Sign) == []
     assert of(effects, Reserve)[0].hold.amount == 0  # the first attempt counted it
@@ -388,3 +388,17 @@ def test_sign_in_with_x_is_tried_alone_once_this_wallet_paid_there() -> None:
     effects = drive(call_flow(cfg, request()), Script([v2_402(extensions=siwx), OK]))
     assert len(of(effects, SignIn)) == 1 and of(effects, Sign) == []
     assert of(effects, Send)[1].headers["sign-in-with-x"] == "proof"
+
+
+def test_a_payment_refused_then_taken_on_a_retry_is_counted_by_the_retry() -> None:
+    cfg = config()
+    first = Script([v2_402(), v2_402(error="facilitator_unavailable")])
+    effects = drive(call_flow(cfg, request()), first)
+    assert answer_code(effects) == "payment_rejected" and of(effects, Finish)[0].actual == 0
+    cfg.payments.remember(request().fingerprint, first.signed[0], "call-0", 1_000_000.0)
+    cfg.payments.mark_unknown(request().fingerprint)  # refused: only exposure, not counted
+    effects = drive(call_flow(cfg, request()), Script([OK]))
+    assert of(effects, Sign) == []
+    assert of(effects, Finish)[0].actual == 5000  # the retry counts what moved
+    releases = [e for e in effects if type(e).__name__ == "Release"]
+    assert [r.call_id for r in releases] == ["call-0"]  # and the first call's exposure is released, not doubled
