@@ -184,6 +184,8 @@ def spend_rows(receipts: Iterable[Receipt | Mapping[str, Any]], by: str) -> list
     for item in receipts:
         doc: Mapping[str, Any] = item if isinstance(item, Mapping) else _SpendView(item)
         key = receipt_day(doc["started_at"]) if by == "day" else doc[by]
+        if by == "agent" and _is_topup(doc.get("payment")):
+            key = topup_agent(str(key))  # top-ups are reported in their own account, apart from consumption
         row = groups.setdefault(
             key, {"key": key, "calls": 0, "cost": 0, "saved": 0, "prompt_tokens": 0, "completion_tokens": 0}
         )
@@ -193,6 +195,11 @@ def spend_rows(receipts: Iterable[Receipt | Mapping[str, Any]], by: str) -> list
         row["prompt_tokens"] += int(doc["prompt_tokens"])
         row["completion_tokens"] += int(doc["completion_tokens"])
     return order_spend(groups.values(), by)
+
+
+def _is_topup(payment: Any) -> bool:
+    kind = payment.get("kind") if isinstance(payment, Mapping) else getattr(payment, "kind", None)
+    return kind == "topup"
 
 
 class _SpendView(Mapping[str, Any]):

@@ -264,7 +264,7 @@ class SqliteLedger:
                 receipt.call_id,
                 receipt.started_at,
                 receipt_day(receipt.started_at),
-                receipt.agent,
+                ledger_agent(receipt),
                 receipt.intent,
                 receipt.model,
                 receipt.cost,
