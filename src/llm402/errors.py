@@ -149,6 +149,7 @@ POLICY_CODES = frozenset(
         "topup_refused",
         "policy_unavailable",
         "price_unknown",
+        "ledger_rolled_back",
     }
 )
 
