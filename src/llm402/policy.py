@@ -28,6 +28,10 @@ DEFAULT_DAILY_CAP_USD = Decimal("10")
 DEFAULT_LIMITS = ("max_payment_usd", "daily_cap_usd")
 
 
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors())
+
+
 def _lower(values: frozenset[str] | None) -> frozenset[str] | None:
     return None if values is None else frozenset(v.lower() for v in values)
 
@@ -78,6 +82,13 @@ class Policy(BaseModel):
     one_round_trip: bool = Field(
         False, description="send a signed payment with the first request when the price is known"
     )
+
+    def __init__(self, **data: Any) -> None:
+        """Validate; a problem raises `ConfigurationError` naming the field (as a policy file does)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid policy: {_problems(exc)}") from None
 
     @field_validator("alert_at")
     @classmethod
@@ -204,12 +215,9 @@ class Policy(BaseModel):
     def from_mapping(cls, data: dict[str, Any], *, source: str = "policy") -> Policy:
         """Validate a mapping; errors name the field and the problem."""
         try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
-            )
-            raise ConfigurationError(f"invalid {source}: {problems}") from None
+            return cls(**data)
+        except ConfigurationError as exc:  # raised by __init__ as "invalid policy: ..."
+            raise ConfigurationError(f"invalid {source}: {str(exc).removeprefix('invalid policy: ')}") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Policy:

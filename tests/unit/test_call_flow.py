@@ -402,3 +402,12 @@ def test_a_payment_refused_then_taken_on_a_retry_is_counted_by_the_retry() -> No
     assert of(effects, Finish)[0].actual == 5000  # the retry counts what moved
     releases = [e for e in effects if type(e).__name__ == "Release"]
     assert [r.call_id for r in releases] == ["call-0"]  # and the first call's exposure is released, not doubled
+
+
+def test_a_policy_in_code_raises_the_same_clear_error_as_a_file() -> None:
+    from llm402.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="typo: Extra inputs are not permitted"):
+        Policy(typo=1)  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match="alert_at"):
+        Policy(alert_at=["1.5"])  # type: ignore[list-item]
