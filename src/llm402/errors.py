@@ -211,6 +211,10 @@ class ModelNotFound(GatewayError):
     """404: the model (or resource) does not exist on this gateway."""
 
 
+class GatewayNotFound(GatewayError):
+    """404 for something other than a model: usually a wrong base URL or path."""
+
+
 class GatewayRateLimited(GatewayError):
     """429: slow down; ``retry_after`` seconds when the gateway said."""
 
@@ -244,8 +248,8 @@ def gateway_error(status: int, body: bytes | str, retry_after: str | None = None
         kind = GatewayAuthError
     elif status == 402:
         kind = InsufficientCredits
-    elif status == 404:
-        kind = ModelNotFound
+    elif status == 404:  # only a 404 that names a model is about the model (a wrong base path is not)
+        kind = ModelNotFound if "model" in f"{code_text} {message}".lower() else GatewayNotFound
     elif status == 429:
         kind = GatewayRateLimited
     elif status >= 500:

@@ -411,3 +411,12 @@ def test_a_policy_in_code_raises_the_same_clear_error_as_a_file() -> None:
         Policy(typo=1)  # type: ignore[call-arg]
     with pytest.raises(ConfigurationError, match="alert_at"):
         Policy(alert_at=["1.5"])  # type: ignore[list-item]
+
+
+def test_a_404_is_model_not_found_only_when_the_gateway_says_so() -> None:
+    from llm402.errors import GatewayNotFound, ModelNotFound, gateway_error
+
+    model = gateway_error(404, b'{"error": {"code": "model_not_found", "message": "no such model: x"}}')
+    path = gateway_error(404, b'{"detail": "Not Found"}')
+    assert isinstance(model, ModelNotFound)
+    assert isinstance(path, GatewayNotFound) and not isinstance(path, ModelNotFound)
