@@ -46,12 +46,10 @@ class _Httpx2:
         outgoing.read()
         return outgoing
 
-    def swap(
-        self, request: httpx2.Request, headers: RawHeaders | None, extensions: Mapping[str, Any]
-    ) -> Mapping[str, Any]:
+    def swap(self, request: httpx2.Request, headers: RawHeaders | None, extensions: dict[str, Any]) -> dict[str, Any]:
         if headers is not None:
             request.headers = httpx2.Headers(headers)
-        theirs, request.extensions = request.extensions, dict(extensions)
+        theirs, request.extensions = request.extensions, extensions
         return theirs
 
     def local_response(self, request: httpx2.Request, answer: Answer) -> httpx2.Response:
