@@ -7,9 +7,10 @@ Two rules of I/O live here, because only the transport does I/O:
 
 - every read after the request has a deadline. A delivered body ends by ``Deliver.deadline_seconds``; a body llm402
   reads itself (a 402 challenge, the answer to a top-up or key mint) by `BODY_READ_SECONDS`, or ``max_stream_seconds``
-  when that is shorter. The deadline is checked at each chunk, and each read of the body waits at most the time left
-  when the body began (the request's read timeout is narrowed to it), so a body that stalls is cut too: by its
-  deadline, or at worst twice that when it stalls just before.
+  when that is shorter, and so do the headers of llm402's own requests (the caller's wait as long as the caller
+  said). The deadline is checked at each chunk, and each read of the body waits at most the time left when the body
+  began (the request's read timeout is narrowed to it), so a body that stalls is cut too: by its deadline, or at
+  worst twice that when it stalls just before.
 - an async transport never runs the engine's effects (ledger writes, signing, a live policy source) on the event loop:
   they run on a worker thread (asyncio's default executor; ``anyio.to_thread`` under trio), in a copy of the caller's
   context whose changes (``current_receipt``) are set back in the caller's context afterwards. Only the core's pure
@@ -41,7 +42,7 @@ from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement
 
 BODY_READ_SECONDS = 30.0
 """How long a body llm402 reads itself (at most 64 KiB: a 402 challenge, a top-up's or key mint's answer) may take to
-arrive whole; ``max_stream_seconds`` when that is shorter."""
+arrive whole, and how long llm402's own requests wait for their headers; ``max_stream_seconds`` when that is shorter."""
 
 PAY_AGAIN_HEADER = "llm402-pay-again"
 """A caller's header (removed before the wire): ``true`` pays again for a request identical to one already paid."""
@@ -466,6 +467,8 @@ def handle_sync(stack: HttpStack[Req, Resp], engine: Engine, inner: SyncInner[Re
                     response.close()
                 try:
                     outgoing, timeouts, theirs = _outgoing(stack, request, effect, engine.placeholder_auth)
+                    if effect.url is not None:  # llm402's own request: its answer too is awaited only so long
+                        _narrow(timeouts, _body_seconds(engine))
                     try:
                         response = inner.handle_request(outgoing)
                     finally:
@@ -680,6 +683,8 @@ async def handle_async(stack: HttpStack[Req, Resp], engine: Engine, inner: Async
                     await response.aclose()
                 try:
                     outgoing, timeouts, theirs = _outgoing(stack, request, effect, engine.placeholder_auth)
+                    if effect.url is not None:  # llm402's own request: its answer too is awaited only so long
+                        _narrow(timeouts, _body_seconds(engine))
                     try:
                         response = await inner.handle_async_request(outgoing)
                     finally:

@@ -27,7 +27,7 @@ import httpx2
 import openai
 import pytest
 
-from llm402 import Gateway, Policy
+from llm402 import Gateway, Policy, Wallet
 from llm402.pricing import ModelPrice
 from llm402.receipts import Receipt, current_receipt
 from llm402.sandbox import SandboxServer
@@ -304,6 +304,25 @@ async def test_the_async_httpx2_stack_keeps_the_deadlines_too(server: HostileSer
     elapsed = time.monotonic() - start
     assert elapsed < MAX_STREAM + MARGIN, f"{mode}: the call ended after {elapsed:.2f} s"
     reconciled(gw, charged=mode != "trickle402")
+
+
+def test_a_request_of_llm402s_own_is_not_awaited_forever(server: HostileServer) -> None:
+    """On a credit gateway without a key, llm402 first asks for one (its own request, not the caller's): a gateway
+    that never answers it holds the call no longer than the deadline either."""
+    gw = Gateway(
+        f"{server.url}/silent/v1",
+        wallet=Wallet.create(),
+        profile="token-kiosk",
+        ledger="memory://",
+        policy=Policy(),
+        prices={MODEL: ModelPrice.from_usd("10", "30")},
+        max_stream_seconds=MAX_STREAM,
+    )
+    start = time.monotonic()
+    with pytest.raises(TIMEOUTS):
+        call(sync_client(gw), stream=False)
+    elapsed = time.monotonic() - start
+    assert elapsed < MAX_STREAM + MARGIN, f"the key mint was awaited {elapsed:.2f} s"
 
 
 @pytest.mark.parametrize(("mode", "stream"), [("silent", False), ("stall", True), ("stalljson", False)])
