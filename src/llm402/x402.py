@@ -19,7 +19,9 @@ import base64
 import binascii
 import json
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -344,7 +346,11 @@ def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge | None
     except MalformedPaymentRequired:
         if "payment" not in (headers.get("www-authenticate") or "").lower():
             raise
-        x402 = None  # an unreadable x402 half of a dual-rail 402: the MPP half may still be payable
+        # an unreadable x402 half of a dual-rail 402: the MPP half may still be payable
+        challenge = _mpp_challenge(headers, body, None)
+        if challenge is None:
+            raise
+        return challenge
     return _mpp_challenge(headers, body, x402)
 
 
@@ -584,9 +590,37 @@ def _mpp_challenge_of(requirement: Requirement) -> mpp.PaymentChallenge:
     )
 
 
+class _SignedChallenges:
+    """MPP challenges this process has signed, until they expire: a challenge answers once (its id is the
+    credential's nonce), so signing one again could only produce a second authorization with the same nonce. A retry
+    re-sends the credential it has; it never signs again."""
+
+    def __init__(self, size: int = 65_536) -> None:
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._size = size
+
+    def claim(self, realm: str, challenge_id: str, valid_before: int) -> bool:
+        """Record a signature for this challenge; ``False`` when one was made already."""
+        now = int(time.time())
+        with self._lock:
+            while self._seen and next(iter(self._seen.values())) < now:
+                self._seen.popitem(last=False)
+            key = (realm, challenge_id)
+            if key in self._seen:
+                return False
+            self._seen[key] = valid_before
+            while len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+            return True
+
+
+_SIGNED = _SignedChallenges()
+
+
 def _sign_mpp(requirement: Requirement, signer: Signer) -> SignedPayment:
     """A native ``evm/charge`` credential: EIP-3009 with the SDKs' nonce (keccak256 of ``["<id>","<realm>"]``) and
-    ``validBefore`` the challenge's ``expires``, in the field the challenge selects."""
+    ``validBefore`` the challenge's ``expires``, in the field the challenge selects. A challenge is signed once."""
     from eth_utils.address import to_checksum_address
 
     challenge = _mpp_challenge_of(requirement)
@@ -595,6 +629,12 @@ def _sign_mpp(requirement: Requirement, signer: Signer) -> SignedPayment:
         raise PolicyRefusal(f"MPP {challenge.key} cannot be paid by llm402", code="scheme_not_supported")
     nonce = mpp.challenge_nonce(challenge.id, challenge.realm)
     valid_before = int(requirement.extra["valid_before"])
+    if not _SIGNED.claim(challenge.realm, challenge.id, valid_before):
+        raise PaymentRequiredError(
+            "this MPP challenge was already answered (its id is the credential's nonce); llm402 does not sign it "
+            "again: pay the 402 the gateway gives next",
+            code="mpp_challenge_reused",
+        )
     signed = _sign_eip3009(
         signer,
         network=requirement.network,

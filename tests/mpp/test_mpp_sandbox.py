@@ -196,3 +196,24 @@ def test_the_callers_authorization_goes_along_with_payment_authorization(
     )
     assert raw.headers["x-sandbox-authorization"] == "present"
     check_books(view, gw, wallet, 1)
+
+
+def test_one_round_trip_never_answers_an_mpp_challenge_twice(
+    sandbox: SandboxServer, view: SandboxView, wallet: Wallet
+) -> None:
+    """A remembered MPP challenge is single-use (its id is the nonce): the next call of the same shape never signs it
+    again. Today the guard in x402 refuses it locally; with the core's single_use check it pays the next 402."""
+    gw = gateway(sandbox, "mpp", wallet, one_round_trip=True)
+    sdk = client(gw, max_retries=0)
+    sdk.chat.completions.create(model="sandbox/small", messages=MESSAGES)  # type: ignore[arg-type]
+    try:
+        sdk.chat.completions.create(model="sandbox/small", messages=MESSAGES)  # type: ignore[arg-type]
+        paid = 2
+    except openai.APIStatusError as refused:
+        error = typed_error(refused)
+        assert error is not None and error.code == "mpp_challenge_reused"
+        paid = 1
+    stats = view.stats(wallet.address)
+    assert stats["settled"] == stats["signatures_seen"] == paid
+    assert stats["refused"] == {}
+    assert sum(r.cost for r in gw.receipts()) == view.spent(wallet.address) == ledger_total(gw)

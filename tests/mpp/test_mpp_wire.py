@@ -434,3 +434,28 @@ def test_payment_authorization_is_a_payment_header() -> None:
     from llm402.x402 import PAYMENT_HEADERS
 
     assert "payment-authorization" in PAYMENT_HEADERS
+
+
+def test_an_mpp_challenge_is_signed_once() -> None:
+    """Its id is the credential's nonce: a second signature could only be a second authorization with that nonce
+    (a one-round-trip quote, say). A retry re-sends the credential it has."""
+    from llm402.errors import PaymentRequiredError
+
+    challenge = parse(issued(charge("4321")).to_www_authenticate("signed-once.example"))
+    wallet = Wallet.create()
+    sign_payment(challenge, challenge.requirements[0], wallet, URL)
+    with pytest.raises(PaymentRequiredError) as again:
+        sign_payment(challenge, challenge.requirements[0], wallet, URL)
+    assert again.value.code == "mpp_challenge_reused"
+
+
+def test_a_malformed_x402_header_beside_no_payment_challenge_is_still_malformed() -> None:
+    head = httpx.Headers({"payment-required": "%%not-base64%%", "www-authenticate": 'Bearer realm="payments"'})
+    with pytest.raises(MalformedPaymentRequired, match="PAYMENT-REQUIRED"):
+        parse_challenge(head, b"")
+
+
+def test_a_malformed_x402_half_of_a_dual_rail_402_leaves_the_mpp_half() -> None:
+    head = headers(issued().to_www_authenticate("r"), **{"payment-required": "%%not-base64%%"})
+    challenge = parse_challenge(head, b"")
+    assert challenge is not None and challenge.dialect is Dialect.MPP
