@@ -808,6 +808,18 @@ def decode_settlement(headers: Mapping[str, str]) -> Settlement | None:
     return Settlement(receipt.status == "success", receipt.reference or None, None, None, None)
 
 
+def receipt_event_settlement(data: Mapping[str, Any]) -> Settlement:
+    """The settlement an MPP stream reports in its final ``event: payment-receipt`` (its JSON: ``status``,
+    ``method``, ``reference``; a session adds ``spent`` and ``acceptedCumulative``). ``amount`` is ``spent`` when
+    given (what a session moved); like ``Payment-Receipt`` it names no payer (`bind_settlement`)."""
+    spent = data.get("spent")
+    try:
+        amount = parse_atomic(spent, allow_zero=True) if spent is not None else None
+    except ValueError:
+        return Settlement(False, None, None, None, None, error="unreadable payment-receipt event: spent")
+    return Settlement(data.get("status") == "success", _opt_str(data.get("reference")), None, None, amount)
+
+
 def bind_settlement(payment: SignedPayment, settlement: Settlement | None) -> Settlement | None:
     """An MPP ``Payment-Receipt`` answers the credential sent with this very request and names no payer, network or
     asset: read it as this payment's (it cannot lower what an exact charge counts). Any other report is unchanged."""

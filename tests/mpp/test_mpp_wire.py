@@ -459,3 +459,12 @@ def test_a_malformed_x402_half_of_a_dual_rail_402_leaves_the_mpp_half() -> None:
     head = headers(issued().to_www_authenticate("r"), **{"payment-required": "%%not-base64%%"})
     challenge = parse_challenge(head, b"")
     assert challenge is not None and challenge.dialect is Dialect.MPP
+
+
+def test_a_final_payment_receipt_event_reads_as_a_settlement() -> None:
+    from llm402.x402 import receipt_event_settlement
+
+    event = {"method": "evm", "intent": "session", "status": "success", "reference": "0xabc", "spent": "2000"}
+    assert receipt_event_settlement(event) == Settlement(True, "0xabc", None, None, 2000)
+    assert receipt_event_settlement({"status": "success", "reference": "0x1"}).amount is None
+    assert not receipt_event_settlement({"status": "success", "spent": "-1"}).success
