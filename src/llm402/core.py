@@ -746,6 +746,8 @@ class CallState:
     """What is remembered of that earlier attempt (which may have counted the payment already)."""
     prepaid_shape: tuple[Any, ...] | None = None
     """The request shape whose remembered price paid this call up front (one round trip)."""
+    finished: bool = False
+    """Whether the call's `Finish` was yielded (on an error on the way out)."""
 
     @property
     def counts_payment(self) -> bool:
@@ -1101,6 +1103,9 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
         yield Finish(st.call_id, refused.cost, receipt, reserved=st.holds, outstanding=_movable(st, refused.settlement))
         yield Answer.refusal(error, refused.status)
         return
+    except Exception as exc:  # a transport error on a request of llm402's own (key mint, top-up)
+        yield from _finish_on_error(cfg, call, st, exc)
+        raise
     yield from _deliver(cfg, call, st, head)
 
 
@@ -1150,9 +1155,21 @@ def _send(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect
         cost = st.cost_if_lost
         if st.payment is not None:
             yield from _counting(call, st, cost)
-        yield Finish(st.call_id, cost, _receipt(cfg, call, st, status=None, error=type(exc).__name__, cost=cost))
+        yield from _finish_on_error(cfg, call, st, exc)
         raise
     return head
+
+
+def _finish_on_error(
+    cfg: FlowConfig, call: CallRequest, st: CallState, exc: BaseException
+) -> Generator[Effect, Any, None]:
+    """An attempt that ends in an error (a transport failure, also on a key mint or top-up's way) still finishes the
+    call: its reservation is settled (a payment it carried counts as spent) and its receipt kept."""
+    if st.finished or not st.holds:
+        return
+    st.finished = True
+    cost = st.cost_if_lost
+    yield Finish(st.call_id, cost, _receipt(cfg, call, st, status=None, error=type(exc).__name__, cost=cost))
 
 
 def _negotiate(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect, Any, Head]:

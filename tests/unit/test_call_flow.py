@@ -44,7 +44,7 @@ from llm402.pricing import ModelPrice, PriceCatalog
 from llm402.x402 import SignedPayment
 
 URL = "http://127.0.0.1:9/v1/chat/completions"
-PAYER = "0x" + "cd" * 20
+PAYER = "0xCdCDCdCdcdcdcdCdcDcDCdcDcDCdCdcdCdcDCDcD"
 ASSET = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 PAYEE = "0x" + "ab" * 20
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
@@ -420,3 +420,26 @@ def test_a_404_is_model_not_found_only_when_the_gateway_says_so() -> None:
     path = gateway_error(404, b'{"detail": "Not Found"}')
     assert isinstance(model, ModelNotFound)
     assert isinstance(path, GatewayNotFound) and not isinstance(path, ModelNotFound)
+
+
+def test_a_transport_error_on_the_key_mint_still_finishes_the_call() -> None:
+    cfg = config(
+        Policy(max_payment_usd="1"),
+        credit=CreditProfile(chain_id=84532),
+        mint_keys=True,
+        metered=True,
+        prices=PriceCatalog({"m": ModelPrice.from_usd("1", "1")}),
+    )
+    script = Script([ConnectionError("mint endpoint down")], extra={CurrentKey: lambda e: None})
+    effects: list[Effect] = []
+
+    def record(effect: Effect) -> Any:
+        effects.append(effect)
+        return script(effect)
+
+    with pytest.raises(ConnectionError):
+        drive(call_flow(cfg, request()), record)  # type: ignore[arg-type]
+    finishes = [e for e in effects if isinstance(e, Finish)]
+    assert [f.call_id for f in finishes] == ["call-0"]  # the call's own reservation is settled, with its receipt
+    assert finishes[0].receipt.error == "ConnectionError"
+    assert [type(e) for e in effects if isinstance(e, Send)] == [Send]  # the mint's one request, nothing else
