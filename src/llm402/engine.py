@@ -94,6 +94,27 @@ def remove_process_listener(listener: ReceiptListener) -> None:
     _process.remove(listener)
 
 
+STANDALONE_SECONDS = 30.0
+"""How long a request of llm402's own outside a call (``llm402 topup``) may take, body included."""
+
+
+def _send_standalone(client: httpx.Client, send: Send) -> Head:
+    """One request of llm402's own: at most 64 KiB of its body, read within `STANDALONE_SECONDS`."""
+    deadline = time.monotonic() + STANDALONE_SECONDS
+    request = client.build_request(send.method or "POST", send.url or "", headers=dict(send.headers), content=send.body)
+    request.extensions["timeout"] = httpx.Timeout(STANDALONE_SECONDS).as_dict()
+    response = client.send(request, stream=True)
+    body = bytearray()
+    try:
+        for chunk in response.iter_raw():
+            body += chunk
+            if len(body) > MAX_CHALLENGE_BYTES or time.monotonic() > deadline:
+                break
+    finally:
+        response.close()
+    return Head(response.status_code, response.headers, bytes(body[:MAX_CHALLENGE_BYTES]))
+
+
 class Engine:
     """Runs `call_flow` for one gateway: its config, ledger and signer, and where receipts go."""
 
@@ -372,10 +393,7 @@ class Engine:
             value, error = None, None
             try:
                 if isinstance(effect, Send):
-                    response = client.request(
-                        effect.method or "POST", effect.url or "", headers=dict(effect.headers), content=effect.body
-                    )
-                    value = Head(response.status_code, response.headers, response.content[:MAX_CHALLENGE_BYTES])
+                    value = _send_standalone(client, effect)
                 elif isinstance(effect, Deliver | Answer):
                     raise TypeError("a standalone flow cannot deliver or answer a caller")
                 else:
