@@ -45,6 +45,7 @@ from .errors import (
 )
 from .metering import Usage
 from .money import atomic_to_usd, format_usd, usd_to_atomic
+from .mpp import ACCEPT_PAYMENT, is_payment_refusal, read_problem
 from .policy import Policy
 from .pricing import PriceCatalog, estimate_cost, max_completion_tokens
 from .receipts import PaymentRecord, Receipt
@@ -54,6 +55,7 @@ from .x402 import (
     Requirement,
     Settlement,
     SignedPayment,
+    bind_settlement,
     decode_settlement,
     parse_challenge,
     select_requirement,
@@ -679,6 +681,8 @@ def _own_settlement(payment: SignedPayment, settlement: Settlement | None) -> Se
     Any other report says nothing about it (and so can never lower what it counts)."""
     if settlement is None:
         return None
+    settlement = bind_settlement(payment, settlement)  # an MPP Payment-Receipt answers this very credential
+    assert settlement is not None
     req = payment.requirement
     networks = {req.network, str(req.raw.get("network", req.network))}
     mismatch = (
@@ -1071,7 +1075,12 @@ def call_flow(cfg: FlowConfig, call: CallRequest) -> Generator[Effect, Any, None
     """One logical call, from policy check to receipt: gate, reserve, negotiate (key, 402, top-up), deliver and
     reconcile. Every refusal is answered locally with a receipt; nothing is signed outside the policy and ledger."""
     started = cfg.clock()
-    st = CallState(cfg.new_id(), started, _day(started), {"accept-encoding": "identity", **cfg.identity_headers})
+    st = CallState(
+        cfg.new_id(),
+        started,
+        _day(started),
+        {"accept-encoding": "identity", "accept-payment": ACCEPT_PAYMENT, **cfg.identity_headers},
+    )
     try:
         hit = yield from _gate(cfg, call, st)
         if hit is not None:
@@ -1212,6 +1221,8 @@ def _prepay(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effe
         check_transport_security(call.url, requirement.network, cfg.policy)
     except PaymentRequiredError:
         return  # the policy changed: pay the ordinary way, if at all
+    if requirement.single_use:
+        return  # an MPP challenge answers once (its id is the nonce): pay the 402 that comes
     yield from _sign_for(cfg, call, st, known, requirement)
     st.prepaid_shape = quote_key(call)
 
@@ -1293,8 +1304,8 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
     payment = st.payment
     assert payment is not None
     redirected = 300 <= head.status < 400
-    if head.status != 402 and not redirected:
-        return
+    if not redirected and not is_payment_refusal(head.status, head.headers, head.body):
+        return  # a 402, or a 403 with a Payment-scheme problem (an MPP credential refused or replayed), goes on
     reason = _reason(head)
     if redirected:
         yield from _counting(call, st, st.cost_if_lost)
@@ -1437,8 +1448,11 @@ def _reason(head: Head) -> str:
     except PaymentRequiredError:  # a refusal need not be a payable challenge (e.g. ``accepts: []``)
         challenge = None
     error = challenge.error if challenge is not None else _challenge_error(head.headers.get("payment-required"))
+    problem = read_problem(head.headers, head.body) if not error else None
     if error:
         reasons.append(error)
+    elif problem is not None:
+        reasons.append(problem.reason())
     elif head.body:
         try:
             data = json.loads(head.body)

@@ -335,6 +335,11 @@ def _outgoing(
     return stack.rebuilt_request(request, headers, send.body, extensions), timeouts, None
 
 
+def _problem(response: ResponseView) -> bool:
+    """A 403 with a Problem Details body (an MPP credential refused after payment): read it for the flow."""
+    return response.status_code == 403 and "problem+json" in (response.headers.get("content-type") or "")
+
+
 def _body_seconds(engine: Engine) -> float:
     """How long a body llm402 reads itself may take (`BODY_READ_SECONDS`, or ``max_stream_seconds`` if shorter)."""
     limit = engine.config.max_stream_seconds
@@ -475,7 +480,7 @@ def handle_sync(stack: HttpStack[Req, Resp], engine: Engine, inner: SyncInner[Re
                         if theirs is not None:
                             stack.swap(request, None, theirs)
                     consumed = None
-                    if response.status_code == 402 or effect.read_body:
+                    if response.status_code == 402 or effect.read_body or _problem(response):
                         seconds = _body_seconds(engine)
                         consumed = _read_bounded_sync(response, seconds, timeouts, stack.read_timeout)
                     parsed = _decoded(response, consumed) if consumed is not None else None
@@ -669,7 +674,7 @@ async def _read_bounded_async(
 async def handle_async(stack: HttpStack[Req, Resp], engine: Engine, inner: AsyncInner[Req, Resp], request: Req) -> Resp:
     """Run one call through the engine over an async inner transport; the engine's work runs off the event loop."""
     body = await request.aread()
-    call = describe_request(request.method, str(request.url), request.headers.get("content-type"), body)
+    call = _describe(request, body)
     started: list[Flow] = []
     response: Resp | None = None
     consumed: bytes | None = None
@@ -691,7 +696,7 @@ async def handle_async(stack: HttpStack[Req, Resp], engine: Engine, inner: Async
                         if theirs is not None:
                             stack.swap(request, None, theirs)
                     consumed = None
-                    if response.status_code == 402 or effect.read_body:
+                    if response.status_code == 402 or effect.read_body or _problem(response):
                         seconds = _body_seconds(engine)
                         consumed = await _read_bounded_async(response, seconds, timeouts, stack.read_timeout)
                     parsed = _decoded(response, consumed) if consumed is not None else None

@@ -116,10 +116,6 @@ def test_dual_rail_receipts_name_the_settled_transaction(pympp_server: PymppServ
     assert receipt.payment.settled is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs core: _own_settlement must read a Payment-Receipt as this payment's (x402.bind_settlement)",
-)
 def test_mpp_receipts_name_the_settled_transaction(pympp_server: PymppServer) -> None:
     gw = gateway(pympp_server, "mpp")
     client(gw).chat.completions.create(model="pympp/small", messages=MESSAGES)  # type: ignore[arg-type]
@@ -191,10 +187,6 @@ def test_a_paid_call_whose_answer_is_lost_is_never_paid_again(pympp_server: Pymp
     assert sum(r.cost for r in gw.receipts()) == PRICE_ATOMIC, "counted once"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs core: _check_paid_answer must treat a 403 Payment problem after a paid send like a 402",
-)
 def test_a_replay_refusal_after_a_lost_answer_is_typed(pympp_server: PymppServer) -> None:
     gw = gateway(pympp_server, "mpp")
     sdk = client(gw, max_retries=0)
@@ -249,7 +241,6 @@ def test_a_quote_shows_an_mpp_price(pympp_server: PymppServer) -> None:
     assert pympp_server.books.of(payer(gw)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs core: call_flow's first headers must carry Accept-Payment")
 def test_requests_declare_what_llm402_can_pay(pympp_server: PymppServer) -> None:
     gw = gateway(pympp_server, "mpp")
     start = len(pympp_server.books.accept_payment)

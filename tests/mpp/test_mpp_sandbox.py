@@ -87,10 +87,6 @@ def test_dual_rail_pays_by_x402_and_names_the_transaction(
     assert receipt.payment.transaction == settlement["transaction"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs core: _own_settlement must read a Payment-Receipt as this payment's (x402.bind_settlement)",
-)
 def test_mpp_receipts_name_the_transaction(sandbox: SandboxServer, view: SandboxView, wallet: Wallet) -> None:
     gw = gateway(sandbox, "mpp", wallet)
     client(gw).chat.completions.create(model="sandbox/small", messages=MESSAGES)  # type: ignore[arg-type]
