@@ -60,11 +60,12 @@ _MAYBE_USAGE = re.compile(rb'"usage(?:Metadata)?"\s*(?::\s*)?[{\r\n]')
 """A superset of `_USAGE_OBJECT` on raw wire bytes: also a usage key whose value may continue on the event's next
 ``data:`` line. Chunks it does not match carry no usage object (``"usage":null`` does not match)."""
 SETTLEMENT_COMMENT = b": payment-response "
+_PAYMENT_RECEIPT_EVENT = re.compile(rb"(?m)^event:\s*payment-receipt\s*$")
 
 
 def _worth_reading(data: bytes | bytearray) -> bool:
     """Whether SSE bytes may hold something the meter reads: a usage object, the settlement comment or the end."""
-    return b"[DONE]" in data or b"payment-response" in data or _MAYBE_USAGE.search(data) is not None
+    return b"[DONE]" in data or b"payment-re" in data or _MAYBE_USAGE.search(data) is not None
 
 
 @dataclass(slots=True)
@@ -263,7 +264,12 @@ class UsageMeter:
         self._opening: Mapping[str, Any] | None = None  # an Anthropic stream's message_start usage
         self._inflate = zlib.decompressobj(wbits=47) if encoding in ("gzip", "deflate", "x-gzip") else None
         self._opaque = encoding not in ("", "identity", "gzip", "deflate", "x-gzip")
-        self._strip = strip_usage_event and streaming and self._inflate is None and not self._opaque
+        # a readable stream is filtered event by event where it needs to be: the usage chunk llm402 asked for (only
+        # with ``strip_usage_event``) and an MPP ``event: payment-receipt`` (always: SDKs would make it a chunk)
+        self._strip = streaming and self._inflate is None and not self._opaque
+        self._strip_usage = strip_usage_event
+        self.receipt: Mapping[str, Any] | None = None
+        """The JSON of an MPP stream's final ``event: payment-receipt`` (removed from what the caller reads)."""
         self._buffer = bytearray()
         self._parts: list[bytes] = []  # a non-streamed body, joined once at the end (no per-chunk copies)
         self._size = 0
@@ -298,7 +304,7 @@ class UsageMeter:
         if (
             not self._buffer
             and b"[DONE]" not in data
-            and b"payment-response" not in data
+            and b"payment-re" not in data  # a settlement comment or an MPP payment-receipt event
             and _MAYBE_USAGE.search(data) is None  # `_worth_reading` inlined: this runs for every chunk
         ):
             if data.endswith(_EVENT_TAILS):
@@ -391,6 +397,9 @@ class UsageMeter:
     def _event(self, block: bytes) -> bool:
         """Parse one SSE event; False when it is the usage-only chunk to strip."""
         lines = [line[5:].lstrip() for line in block.splitlines() if line.startswith(b"data:")]
+        if lines and _PAYMENT_RECEIPT_EVENT.search(block) is not None:
+            self._read_receipt(b"\n".join(lines))
+            return False  # llm402's to read, not the caller's: an SDK would turn it into an empty chunk
         if not lines:
             if block.startswith(SETTLEMENT_COMMENT):
                 self.settlement = block[len(SETTLEMENT_COMMENT) :].split(b"\n", 1)[0].strip().decode("ascii", "replace")
@@ -415,7 +424,15 @@ class UsageMeter:
             return True
         self.usage = usage
         usage_only = not data.get("choices") and kind is None  # a chat completions usage chunk
-        return not (self._strip and usage_only)
+        return not (self._strip_usage and usage_only)
+
+    def _read_receipt(self, payload: bytes) -> None:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(data, Mapping):
+            self.receipt = data
 
     def _typed_event(self, kind: str, data: Mapping[str, Any]) -> bool:
         """Read a Responses API or Anthropic Messages stream event; False when it is neither."""

@@ -38,7 +38,7 @@ import httpx
 from .core import Answer, CallRequest, Deliver, Effect, Head, Send, StreamEnd, describe_request
 from .engine import Engine, IOEffect, delivery_context
 from .metering import UsageMeter
-from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement
+from .x402 import MAX_CHALLENGE_BYTES, PAYMENT_HEADERS, decode_settlement, receipt_event_settlement
 
 BODY_READ_SECONDS = 30.0
 """How long a body llm402 reads itself (at most 64 KiB: a 402 challenge, a top-up's or key mint's answer) may take to
@@ -235,7 +235,13 @@ class Ending:
             aborted=aborted,
             error=error if aborted else None,
             body=meter.body,
-            settlement=None if report is None else decode_settlement({"payment-response": report}),
+            settlement=(
+                decode_settlement({"payment-response": report})
+                if report is not None
+                else None
+                if meter.receipt is None
+                else receipt_event_settlement(meter.receipt)
+            ),
         )
 
     def _finish(self, end: StreamEnd) -> None:

@@ -492,3 +492,18 @@ def test_embedding_token_arrays_count_one_token_per_id() -> None:
     assert estimate_prompt_tokens({"model": "m", "input": [[1, 2, 3] * 100, [4] * 50]}) == 350
     assert estimate_prompt_tokens({"model": "m", "input": list(range(70))}) == 70
     assert estimate_prompt_tokens({"model": "m", "input": ["ab", "cde"]}) == 5
+
+
+def test_an_mpp_payment_receipt_event_is_read_and_removed_from_the_stream() -> None:
+    import json as _json
+
+    from llm402.metering import UsageMeter
+
+    chunk = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    receipt = b'event: payment-receipt\ndata: {"status":"success","method":"evm","reference":"0xabc"}\n\n'
+    stream = chunk + receipt + b"data: [DONE]\n\n"
+    for cut in range(1, len(stream)):
+        meter = UsageMeter(streaming=True)
+        out = meter.feed(stream[:cut]) + meter.feed(stream[cut:]) + meter.finish()
+        assert out == chunk + b"data: [DONE]\n\n", cut
+        assert meter.receipt == _json.loads(receipt.split(b"data: ")[1])
