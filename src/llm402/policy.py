@@ -13,7 +13,7 @@ import os
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -75,6 +75,9 @@ class Policy(BaseModel):
         False, description="under a cap, let calls through to models whose price is unknown (counted as $0)"
     )
     allow_insecure_http: bool = Field(False, description="pay over plain HTTP to a non-loopback host")
+    payment_protocols: tuple[Literal["x402", "mpp"], ...] = Field(
+        ("x402", "mpp"), description="the protocols llm402 pays by, most preferred first (a route may offer both)"
+    )
     alert_at: tuple[Decimal, ...] = Field(
         (), description="fractions of each cap that raise a budget alert once per period, e.g. [0.8, 1]"
     )
@@ -89,6 +92,13 @@ class Policy(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise ConfigurationError(f"invalid policy: {_problems(exc)}") from None
+
+    @field_validator("payment_protocols")
+    @classmethod
+    def _protocols(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("name each payment protocol once, at least one (x402, mpp)")
+        return value
 
     @field_validator("alert_at")
     @classmethod

@@ -159,6 +159,8 @@ def merge_policies(*policies: Policy) -> Policy:
     merged["one_round_trip"] = all(p.one_round_trip for p in policies)
     merged["prefer_upto"] = all(p.prefer_upto for p in policies)
     merged["allow_unpriced"] = all(p.allow_unpriced for p in policies)
+    allowed = set.intersection(*(set(p.payment_protocols) for p in policies))  # the first's order of preference
+    merged["payment_protocols"] = tuple(r for r in policies[0].payment_protocols if r in allowed) or ("x402",)
     merged["alert_at"] = tuple(sorted({t for p in policies for t in p.alert_at}))  # every source's alerts
     unknown = set(Policy.model_fields) - set(merged)
     for name in sorted(unknown):  # a field added to Policy later: merge it only if every policy agrees

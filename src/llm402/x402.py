@@ -526,10 +526,7 @@ def select_requirement(
 def _rails(policy: Policy) -> tuple[str, ...]:
     """The protocols the policy pays by, most preferred first (``Policy.payment_protocols``; default x402, then
     MPP)."""
-    chosen = getattr(policy, "payment_protocols", None)
-    if not chosen:
-        return DEFAULT_RAILS
-    return tuple(str(rail).lower() for rail in chosen)
+    return tuple(policy.payment_protocols) or DEFAULT_RAILS
 
 
 # --- signing and encoding -----------------------------------------------------------------------------------

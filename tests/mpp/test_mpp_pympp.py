@@ -126,7 +126,7 @@ def test_mpp_receipts_name_the_settled_transaction(pympp_server: PymppServer) ->
 
 
 def test_the_policy_can_prefer_mpp_on_a_dual_rail_route(pympp_server: PymppServer) -> None:
-    policy = Policy(max_payment_usd="0.01").model_copy(update={"payment_protocols": ("mpp", "x402")})
+    policy = Policy(max_payment_usd="0.01", payment_protocols=("mpp", "x402"))
     gw = Gateway(f"{pympp_server.url}/dual/v1", wallet=Wallet.create(), ledger="memory://", policy=policy)
     start = len(pympp_server.books.credentials)
     client(gw).chat.completions.create(model="pympp/small", messages=MESSAGES)  # type: ignore[arg-type]

@@ -378,9 +378,9 @@ def test_a_dual_rail_route_is_one_challenge_paid_by_x402_first() -> None:
     assert challenge is not None and challenge.dialect is Dialect.V2
     assert [r.dialect for r in challenge.requirements] == [None, Dialect.MPP]
     assert select_requirement(challenge, Policy()).dialect is None, "x402 unless the policy prefers MPP"
-    prefers_mpp = Policy().model_copy(update={"payment_protocols": ("mpp", "x402")})
+    prefers_mpp = Policy(payment_protocols=("mpp", "x402"))
     assert select_requirement(challenge, prefers_mpp).mpp
-    only_x402 = Policy().model_copy(update={"payment_protocols": ("x402",)})
+    only_x402 = Policy(payment_protocols=("x402",))
     assert select_requirement(challenge, only_x402).dialect is None
 
 
