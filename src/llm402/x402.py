@@ -64,6 +64,8 @@ class Dialect(StrEnum):
 PAYMENT_HEADERS = frozenset({"payment-signature", "x-payment", mpp.PAYMENT_AUTHORIZATION})
 """Headers that only ever carry a payment (a caller's own are dropped; ours never follow a redirect). MPP's default
 credential field is ``Authorization``, which the transport already treats as secret."""
+PAYMENT_IDENTIFIER = "payment-identifier"
+"""x402's idempotency extension (the client sends an id a gateway can deduplicate retries by)."""
 SETTLEMENT_HEADERS = ("payment-response", "x-payment-response")
 DEFAULT_RAILS = ("x402", "mpp")
 """The protocols a route offering several is paid by, most preferred first (``Policy.payment_protocols`` when the
@@ -720,6 +722,21 @@ def _sign_route_bound(challenge: Challenge, requirement: Requirement, signer: Si
     )
 
 
+def _payment_identifier(extensions: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """x402's ``payment-identifier`` extension, when the gateway declares it: a fresh id for this authorization, so
+    a gateway that already took it can answer its retry (the same header) with the paid answer instead of a 402."""
+    if not extensions or PAYMENT_IDENTIFIER not in extensions:
+        return None
+    from x402.extensions.payment_identifier import append_payment_identifier_to_extensions
+
+    declared: dict[str, Any] = {PAYMENT_IDENTIFIER: extensions[PAYMENT_IDENTIFIER]}
+    try:
+        filled = append_payment_identifier_to_extensions(declared)
+    except (ValueError, TypeError, AttributeError):  # a malformed declaration: pay without it
+        return None
+    return filled if filled[PAYMENT_IDENTIFIER] is not extensions[PAYMENT_IDENTIFIER] else None
+
+
 def sign_payment(challenge: Challenge, requirement: Requirement, signer: Signer, resource_url: str) -> SignedPayment:
     """Sign through the SDK's EVM schemes (exact: EIP-3009 or Permit2; upto: a Permit2 ceiling) and encode; an MPP
     ``evm/charge`` offer as a ``Payment`` credential; an x402 offer of a dual-rail route with its route binding."""
@@ -768,6 +785,9 @@ def sign_payment(challenge: Challenge, requirement: Requirement, signer: Signer,
                 "accepted": accepted,
                 "resource": dict(challenge.resource) if challenge.resource else {"url": resource_url},
             }
+            identified = _payment_identifier(challenge.extensions)
+            if identified is not None:
+                envelope["extensions"] = identified
     except MalformedPaymentRequired:
         raise
     except Exception as exc:

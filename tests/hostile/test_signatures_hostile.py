@@ -164,3 +164,26 @@ def b64_req() -> str:
     import base64
 
     return base64.b64decode(challenge_v2(1_000_000)["PAYMENT-REQUIRED"]).decode()
+
+
+def test_the_payment_identifier_a_gateway_declares_is_sent_and_kept_across_retries() -> None:
+    import base64 as _b64
+
+    declared = {"payment-identifier": {"info": {"required": False}, "schema": {"type": "object"}}}
+    script = SettleThen500()
+
+    def gateway(seen: Seen) -> tuple[int, dict[str, str], bytes]:
+        if seen.payment is None:
+            return 402, challenge_v2(PRICE, extensions=declared), b"{}"
+        return script(seen)
+
+    with HostileGateway(gateway) as hostile:
+        gw = Gateway(hostile.url + "/v1", wallet=Wallet.create(), ledger="memory://", policy=Policy())
+        with pytest.raises(openai.InternalServerError):
+            ask(gw)
+        with pytest.raises(openai.APIStatusError):
+            ask(gw)
+        sent = [json.loads(_b64.b64decode(p)) for p in hostile.payments()]
+    ids = {p["extensions"]["payment-identifier"]["info"]["id"] for p in sent}
+    assert len(sent) == 2 and len(ids) == 1  # the retry carried the same payment and so the same id
+    assert next(iter(ids)).startswith("pay_")
