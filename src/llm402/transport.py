@@ -743,53 +743,54 @@ def default_limits() -> httpx.Limits:
     return httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 
 
-class _HttpxSyncStream(SyncMeteredStream, httpx.SyncByteStream):
-    pass
+class ModuleStack:
+    """`HttpStack` over an httpx-shaped module: httpx itself, or httpx2 (the same API under another name). One
+    implementation serves both; each stack's instance is typed as its own `HttpStack`."""
 
+    def __init__(self, module: Any) -> None:
+        self._http = module
 
-class _HttpxAsyncStream(AsyncMeteredStream, httpx.AsyncByteStream):
-    pass
+        class SyncStream(SyncMeteredStream, module.SyncByteStream):  # type: ignore[misc]
+            pass
 
+        class AsyncStream(AsyncMeteredStream, module.AsyncByteStream):  # type: ignore[misc]
+            pass
 
-class _Httpx:
-    """`HttpStack` for httpx."""
+        self._sync_stream: type[Any] = SyncStream
+        self._async_stream: type[Any] = AsyncStream
 
-    def own_request(self, send: Send, extensions: dict[str, Any]) -> httpx.Request:
+    def own_request(self, send: Send, extensions: dict[str, Any]) -> Any:
         headers = list(send.headers.items())
-        return httpx.Request(
+        return self._http.Request(
             send.method or "POST", send.url or "", headers=headers, content=send.body, extensions=extensions
         )
 
-    def rebuilt_request(
-        self, request: httpx.Request, headers: RawHeaders, body: bytes, extensions: dict[str, Any]
-    ) -> httpx.Request:
-        stream = httpx.ByteStream(body)
-        outgoing = httpx.Request(request.method, request.url, headers=headers, stream=stream, extensions=extensions)
+    def rebuilt_request(self, request: Any, headers: RawHeaders, body: bytes, extensions: dict[str, Any]) -> Any:
+        http = self._http
+        outgoing = http.Request(
+            request.method, request.url, headers=headers, stream=http.ByteStream(body), extensions=extensions
+        )
         outgoing.read()
         return outgoing
 
-    def swap(self, request: httpx.Request, headers: RawHeaders | None, extensions: dict[str, Any]) -> dict[str, Any]:
+    def swap(self, request: Any, headers: RawHeaders | None, extensions: dict[str, Any]) -> dict[str, Any]:
         if headers is not None:
-            request.headers = httpx.Headers(headers)
-        theirs, request.extensions = request.extensions, extensions
+            request.headers = self._http.Headers(headers)
+        theirs: dict[str, Any] = request.extensions
+        request.extensions = extensions
         return theirs
 
-    def local_response(self, request: httpx.Request, answer: Answer) -> httpx.Response:
-        return httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.body, request=request)
+    def local_response(self, request: Any, answer: Answer) -> Any:
+        return self._http.Response(
+            answer.status, headers=list(answer.headers.items()), content=answer.body, request=request
+        )
 
-    def adopted(
-        self,
-        response: httpx.Response,
-        request: httpx.Request,
-        extra: Mapping[str, str],
-        ending: Ending,
-        asynchronous: bool,
-    ) -> httpx.Response:
+    def adopted(self, response: Any, request: Any, extra: Mapping[str, str], ending: Ending, asynchronous: bool) -> Any:
         stream = response.stream
-        if asynchronous and isinstance(stream, httpx.AsyncByteStream):
-            response.stream = _HttpxAsyncStream(stream, ending)
-        elif not asynchronous and isinstance(stream, httpx.SyncByteStream):
-            response.stream = _HttpxSyncStream(stream, ending)
+        if asynchronous and isinstance(stream, self._http.AsyncByteStream):
+            response.stream = self._async_stream(stream, ending)
+        elif not asynchronous and isinstance(stream, self._http.SyncByteStream):
+            response.stream = self._sync_stream(stream, ending)
         else:
             raise RuntimeError(f"the inner transport answered with a {type(stream).__name__} body")
         headers = response.headers
@@ -799,27 +800,22 @@ class _Httpx:
         return response
 
     def rebuilt_response(
-        self,
-        response: httpx.Response,
-        request: httpx.Request,
-        extra: Mapping[str, str],
-        body: bytes,
-        ending: Ending,
-        asynchronous: bool,
-    ) -> httpx.Response:
-        headers = httpx.Headers(response.headers)
+        self, response: Any, request: Any, extra: Mapping[str, str], body: bytes, ending: Ending, asynchronous: bool
+    ) -> Any:
+        headers = self._http.Headers(response.headers)
         for name, value in extra.items():
             headers[name] = value
-        stream = _HttpxAsyncStream(ReadBody(body), ending) if asynchronous else _HttpxSyncStream(ReadBody(body), ending)
-        return httpx.Response(
+        stream = (self._async_stream if asynchronous else self._sync_stream)(ReadBody(body), ending)
+        return self._http.Response(
             response.status_code, headers=headers, stream=stream, extensions=response.extensions, request=request
         )
 
     def read_timeout(self, message: str) -> Exception:
-        return httpx.ReadTimeout(message)
+        error: Exception = self._http.ReadTimeout(message)
+        return error
 
 
-HTTPX: HttpStack[httpx.Request, httpx.Response] = _Httpx()
+HTTPX: HttpStack[httpx.Request, httpx.Response] = ModuleStack(httpx)
 
 
 class PaymentTransport(httpx.BaseTransport):
