@@ -174,6 +174,19 @@ def order_spend(rows: Iterable[dict[str, Any]], by: str) -> list[dict[str, Any]]
     return sorted(sorted(rows, key=key_order), key=lambda row: -int(row["cost"]))
 
 
+def sql_spend_row(row: Sequence[Any]) -> dict[str, Any]:
+    """One row of a SQL spend report (key, calls, cost, saved, prompt and completion tokens) as a report row."""
+    key, calls, cost, saved, prompt, completion = row
+    return {
+        "key": key,
+        "calls": int(calls),
+        "cost": int(cost),
+        "saved": int(saved),
+        "prompt_tokens": int(prompt),
+        "completion_tokens": int(completion),
+    }
+
+
 def spend_rows(receipts: Iterable[Receipt | Mapping[str, Any]], by: str) -> list[dict[str, Any]]:
     """Group receipts in Python (the memory and Redis backends; SQLite groups in SQL).
 

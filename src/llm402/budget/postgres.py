@@ -56,6 +56,7 @@ from .base import (
     receipt_day,
     receipt_from_json,
     receipt_to_json,
+    sql_spend_row,
 )
 from .memory import DANGLING, EXPOSED, HELD
 
@@ -482,20 +483,7 @@ class PostgresLedger:
     def spend_report(self, by: str, since: float | None = None) -> list[dict[str, Any]]:
         """Receipts grouped by agent, intent, model or day, summed in SQL."""
         rows = self._read(self._q["report:" + check_spend_group(by)], (float("-inf") if since is None else since,))
-        return order_spend(
-            (
-                {
-                    "key": key,
-                    "calls": int(calls),
-                    "cost": int(cost),
-                    "saved": int(saved),
-                    "prompt_tokens": int(pt),
-                    "completion_tokens": int(ct),
-                }
-                for key, calls, cost, saved, pt, ct in rows
-            ),
-            by,
-        )
+        return order_spend(map(sql_spend_row, rows), by)
 
     def close(self) -> None:
         """Close the connection."""

@@ -39,6 +39,7 @@ from .base import (
     receipt_day,
     receipt_from_json,
     receipt_to_json,
+    sql_spend_row,
 )
 from .memory import DANGLING, EXPOSED, HELD
 from .urls import DEFAULT_LEDGER_DIR, default_ledger_dir
@@ -376,20 +377,7 @@ class SqliteLedger:
         query = _REPORTS[check_spend_group(by)]
         with self._lock:
             rows = self._conn.execute(query, (float("-inf") if since is None else since,)).fetchall()
-        return order_spend(
-            (
-                {
-                    "key": key,
-                    "calls": int(calls),
-                    "cost": int(cost),
-                    "saved": int(saved),
-                    "prompt_tokens": int(pt),
-                    "completion_tokens": int(ct),
-                }
-                for key, calls, cost, saved, pt, ct in rows
-            ),
-            by,
-        )
+        return order_spend(map(sql_spend_row, rows), by)
 
     def close(self) -> None:
         """Close the connection."""
