@@ -67,6 +67,7 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ("LLM402_ETH_RPC", "an Ethereum JSON-RPC URL: verifies an ENS --agent name against the wallet"),
     ("LLM402_ENS_REGISTRY", "the ENS registry on that chain (default: ENS's own)"),
     ("AISA_API_KEY", "the API key for --profile aisa"),
+    ("LLM402_SANDBOX_URL", "where `llm402 sandbox` listens, for `wallet fund` (default: http://127.0.0.1:8402)"),
     ("LLM402_API_KEY, LLM402_BASE_URL, LLM402_MODEL", "read by LangChain's ChatGateway, not by this command"),
     ("NO_COLOR", "plain terminal output"),
 )
@@ -133,6 +134,24 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.prog)
+
+
+class IntermixedParser(Parser):
+    """A parser whose positionals may follow its options (``wallet fund --amount 2 0xADDRESS``): argparse alone binds
+    an optional positional (``nargs="?"``) to nothing as soon as an option comes first."""
+
+    _mixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._mixing:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -605,6 +624,163 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+ENV_SANDBOX_URL = "LLM402_SANDBOX_URL"
+DEFAULT_SANDBOX_URL = "http://127.0.0.1:8402"
+DEFAULT_FUND_USD = Decimal(5)
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+def address_arg(value: str) -> str:
+    """An EVM address: ``0x`` and 40 hex digits."""
+    text = value.strip()
+    if not _ADDRESS.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an address (0x and 40 hex digits)")
+    return text
+
+
+def _keystore_password() -> str:
+    """The new keystore's password: ``LLM402_KEYSTORE_PASSWORD``, else asked twice on the terminal."""
+    from .errors import ConfigurationError
+    from .wallet import ENV_KEYSTORE_PASSWORD
+
+    password = os.environ.get(ENV_KEYSTORE_PASSWORD)
+    if password is None:
+        if not sys.stdin.isatty():
+            raise ConfigurationError(
+                f"a keystore needs a password: set {ENV_KEYSTORE_PASSWORD}, or run in a terminal to be asked for one"
+            )
+        import getpass
+
+        password = getpass.getpass("password for the new keystore: ")
+        if getpass.getpass("the same password again: ") != password:
+            raise ConfigurationError("the two passwords differ; nothing was written")
+    if not password:
+        raise ConfigurationError("the keystore password is empty; nothing was written")
+    return password
+
+
+def _write_new_file(path: str, text: str) -> str:
+    """Write ``text`` to a file that must not exist yet (mode 0600; missing folders made 0700); its absolute path."""
+    from pathlib import Path
+
+    from .errors import ConfigurationError
+
+    file = Path(path).expanduser().absolute()
+    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigurationError(f"{file} exists; a keystore is never overwritten (choose another path)") from None
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    return str(file)
+
+
+def _wallet_new(args: argparse.Namespace) -> int:
+    """A fresh key: printed once (as a shell ``export`` line, or JSON), or only written encrypted to ``--keystore``."""
+    import shlex
+
+    from .wallet import ENV_KEYSTORE, ENV_PRIVATE_KEY, Wallet
+
+    wallet = Wallet.create()
+    if args.keystore:
+        password = _keystore_password()
+        path = _write_new_file(args.keystore, json.dumps(wallet.encrypt(password)))
+        if args.json:
+            emit_json({"address": wallet.address, "keystore": path})
+        else:
+            sys.stdout.write(
+                f"# llm402 wallet {wallet.address}, encrypted in {path} (the password is not stored)\n"
+                f"export {ENV_KEYSTORE}={shlex.quote(path)}\n"
+            )
+        return EXIT_OK
+    key = wallet.export_private_key()
+    if args.json:
+        emit_json({"address": wallet.address, "private_key": key})
+    else:
+        sys.stdout.write(
+            f"# llm402 wallet {wallet.address}: the key below spends its funds; keep it secret\n"
+            f"export {ENV_PRIVATE_KEY}={key}\n"
+        )
+    return EXIT_OK
+
+
+def _sandbox_url_from_env() -> str:
+    from .errors import ConfigurationError
+
+    value = os.environ.get(ENV_SANDBOX_URL)
+    if not value:
+        return DEFAULT_SANDBOX_URL
+    try:
+        return url_arg(value)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigurationError(f"{ENV_SANDBOX_URL}: {exc}") from None
+
+
+def _wallet_fund(args: argparse.Namespace) -> int:
+    """Test USDC from a running sandbox's faucet (``POST /sandbox/faucet``) to an address or the configured wallet."""
+    import httpx
+
+    from .errors import GatewayError
+    from .money import usd_to_atomic
+    from .receipts import usd_string
+    from .wallet import Wallet
+
+    address = args.address or Wallet.from_env().address
+    amount = usd_to_atomic(args.amount if args.amount is not None else DEFAULT_FUND_USD)
+    root = (args.sandbox_url or _sandbox_url_from_env()).rstrip("/")
+    with httpx.Client(timeout=10.0) as client:
+        response = client.post(f"{root}/sandbox/faucet", json={"address": address, "amount": amount})
+    if response.status_code == 404:
+        raise GatewayError(
+            f"{root} has no faucet (POST /sandbox/faucet answered 404): --sandbox-url is where `llm402 sandbox` "
+            f"listens, without /v1, e.g. {DEFAULT_SANDBOX_URL}",
+            status=404,
+            code="not_a_sandbox",
+        )
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.status_code != 200 or not isinstance(data, dict) or not isinstance(data.get("balance"), int):
+        reason = data.get("message") if isinstance(data, dict) else None
+        raise GatewayError(
+            f"the faucet at {root} refused: HTTP {response.status_code}: {reason or response.text[:200]}",
+            status=response.status_code,
+            code="faucet_refused",
+        )
+    balance = int(data["balance"])
+    funded = {
+        "address": str(data.get("address") or address),
+        "amount": amount,
+        "amount_usd": usd_string(amount),
+        "balance": balance,
+        "balance_usd": usd_string(balance),
+        "sandbox_url": root,
+    }
+    if args.json:
+        emit_json(funded)
+    else:
+        sys.stdout.write(
+            f"funded {funded['address']} with ${funded['amount_usd']} of test USDC at {root}; "
+            f"balance ${funded['balance_usd']}\n"
+        )
+    return EXIT_OK
+
+
+def _wallet(args: argparse.Namespace) -> int:
+    if args.action == "new":
+        given = [name for name, value in (("ADDRESS", args.address), ("--amount", args.amount)) if value is not None]
+        if args.sandbox_url is not None:
+            given.append("--sandbox-url")
+        if given:
+            raise UsageError(f"new takes no {', '.join(given)} (those are for `llm402 wallet fund`)", "llm402 wallet")
+        return _wallet_new(args)
+    if args.keystore is not None:
+        raise UsageError("fund takes no --keystore (that is for `llm402 wallet new`)", "llm402 wallet")
+    return _wallet_fund(args)
+
+
 def _gateway(args: argparse.Namespace, *, wallet: bool = True, ledger: str | None = None) -> Any:
     from .gateway import Gateway
     from .wallet import Wallet
@@ -719,6 +895,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="paid calls through the OpenAI SDK against an embedded sandbox", epilog=more)
     output_options(demo)
     demo.set_defaults(run=_demo)
+
+    wallet = sub.add_parser(
+        "wallet",
+        help="make a wallet (new), or fund one with test USDC at a running sandbox (fund)",
+        epilog=more,
+        description="llm402 wallet new: a fresh key, printed once as `export LLM402_PRIVATE_KEY=0x...` (or with "
+        "--keystore, only written encrypted). llm402 wallet fund [ADDRESS]: test USDC from the faucet of a running "
+        "`llm402 sandbox` to ADDRESS (default: the wallet of LLM402_PRIVATE_KEY or LLM402_KEYSTORE).",
+    )
+    wallet.add_argument("action", choices=["new", "fund"], help="new: make a key; fund: test USDC from a sandbox")
+    wallet.add_argument(
+        "address",
+        nargs="?",
+        type=address_arg,
+        default=None,
+        help="the address to fund (fund; default: the wallet of LLM402_PRIVATE_KEY or LLM402_KEYSTORE)",
+    )
+    wallet.add_argument(
+        "--keystore",
+        default=None,
+        metavar="FILE",
+        help="new: write an encrypted keystore to FILE (mode 0600, never overwritten) instead of printing the key; "
+        "the password comes from LLM402_KEYSTORE_PASSWORD, else it is asked for",
+    )
+    wallet.add_argument(
+        "--amount", type=usd_arg, default=None, metavar="USD", help="fund: USD of test USDC to mint (default 5)"
+    )
+    wallet.add_argument(
+        "--sandbox-url",
+        type=url_arg,
+        default=None,
+        metavar="URL",
+        help=f"fund: where `llm402 sandbox` listens (default: {ENV_SANDBOX_URL}, else {DEFAULT_SANDBOX_URL})",
+    )
+    output_options(wallet)
+    wallet.set_defaults(run=_wallet)
+    wallet.__class__ = IntermixedParser  # ADDRESS may follow the options (add_parser makes every parser a Parser)
 
     from .cli_spend import register as register_spend
 
