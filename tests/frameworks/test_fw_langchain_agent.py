@@ -93,6 +93,21 @@ def test_a_cap_refusal_is_not_retried_and_falls_back(sandbox: SandboxServer, vie
     assert len([r for r in primary.receipts() if r.error == "budget_exceeded"]) == 3
 
 
+def test_an_unchanged_chat_openai_agent_pays_each_model_call_once(
+    sandbox: SandboxServer, view: SandboxView, wallet: Wallet
+) -> None:
+    gw = Gateway(f"{sandbox.url}/upto/v1", wallet=wallet, ledger="memory://", policy=Policy(max_payment_usd="1"))
+    model = ChatOpenAI(
+        model="sandbox/small", base_url=gw.base_url, api_key=gw.api_key, http_client=gw.http_client(), max_tokens=64
+    )
+    agent = create_agent(model, tools=[get_weather], middleware=[retry()])
+    assert agent.invoke(QUESTION)["messages"][-1].content == "The tool returned: sunny"
+    chunks = [m for m, _meta in agent.stream(QUESTION, stream_mode="messages") if isinstance(m, AIMessageChunk)]
+    assert "".join(str(c.content) for c in chunks).endswith("The tool returned: sunny")
+    assert all(c.usage_metadata is None for c in chunks)  # stream_usage was not asked for: none shown, as before
+    check_books(view, wallet, [gw], model_calls=4)
+
+
 def test_an_unchanged_chat_openai_refusal_and_the_retry_predicate(
     sandbox: SandboxServer, view: SandboxView, wallet: Wallet
 ) -> None:
