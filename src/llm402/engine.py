@@ -14,6 +14,7 @@ import httpx
 from .alerts import AlertListener, BudgetAlert, claim, crossed, post_webhook
 from .approval import Approval, Approver
 from .budget.base import Caps, Hold, Ledger, receipt_day
+from .budget.memory import MemoryLedger
 from .core import (
     Answer,
     Approve,
@@ -62,6 +63,10 @@ _IO_EFFECTS = (Send, Deliver, Answer)
 PRICES_RETRY = 60.0
 """Seconds between fetches of a gateway's published prices while a model's price is still unknown."""
 LEASE_POLL = 0.05
+_BOOKKEEPING = frozenset({NotePayment, KeepQuote, KeepAnswer, KeepSignedIn})
+"""Effects that only touch this process's memory."""
+_LEDGER_EFFECTS = frozenset({Reserve, Grow, Expose, Record, Remaining, AwaitRelease, Release})
+_SIGNER_EFFECTS = frozenset({Sign, SignMessage, SignIn})
 
 
 class _ProcessListeners:
@@ -137,6 +142,7 @@ class Engine:
         config.approver = approver is not None
         self.placeholder_auth = f"Bearer {placeholder_api_key}" if placeholder_api_key else None
         self.ledger = ledger
+        self._ledger_blocks = not isinstance(ledger, MemoryLedger)
         self.signer = signer
         self.last_receipt: Receipt | None = None
         self._listeners: list[ReceiptListener] = []
@@ -177,6 +183,29 @@ class Engine:
                 listeners = list(self._listeners)
                 listeners.remove(listener)
                 self._listeners = listeners
+
+    def blocks(self, effect: Effect) -> bool:
+        """Whether performing ``effect`` may block (ledger or network I/O, a remote signer, user callbacks): an async
+        transport performs those off the event loop and the rest on it."""
+        kind = type(effect)
+        if kind in _BOOKKEEPING:
+            return False
+        if kind in _LEDGER_EFFECTS:
+            return self._ledger_blocks
+        if kind is Finish:
+            return (
+                self._ledger_blocks
+                or bool(self._listeners or _process.listeners)
+                or bool(self.config.policy.alert_at)
+            )
+        if kind in _SIGNER_EFFECTS:
+            return bool(getattr(self.signer, "blocking", True))
+        return True
+
+    @property
+    def starts_blocking(self) -> bool:
+        """Whether making a flow may block (a live policy source reads its source)."""
+        return self.config.policy_source is not None
 
     def flow(self, call: CallRequest) -> Generator[Effect, Any, None]:
         """A new flow for one request (under the live policy, when the policy is a live source)."""

@@ -264,7 +264,12 @@ class Ending:
             return
         self._ended = True
         end = self._reading(aborted, error)
-        await _off_loop(lambda: self._finish(end))
+        token = delivery_context.set(self._context)
+        try:
+            if await _advance_async(self._engine, [self._flow], end) is not None:
+                raise RuntimeError("llm402 flow asked for HTTP after delivery")
+        finally:
+            delivery_context.reset(token)
 
 
 class ReadBody:
@@ -602,16 +607,30 @@ def _abandon(engine: Engine, flow: Flow, effect: IOEffect, exc: BaseException) -
 
 
 async def _resume(engine: Engine, flow: Flow, head: Head) -> IOEffect | None:
-    """`Engine.advance` with a response's head, its first step on the loop: there the core only parses and decides
-    (most often: deliver), so the common call spends no thread hop on it; only when the core asks for ledger or signer
-    work does that, and the rest, go off the loop."""
-    try:
-        effect = flow.send(head)
-    except StopIteration:
-        return None
-    if isinstance(effect, _HTTP_EFFECTS):
-        return effect
-    return await _step(engine, [flow], lambda: _perform_and_advance(engine, flow, effect))
+    """`Engine.advance` with a response's head (see `_advance_async`)."""
+    return await _advance_async(engine, [flow], head)
+
+
+async def _advance_async(engine: Engine, flows: list[Flow], value: Any = None) -> IOEffect | None:
+    """`Engine.advance` for an async caller: the effects that cannot block (bookkeeping, a memory ledger, a local
+    signer, a receipt nobody listens to) are performed on the loop, so the common call spends no thread hop; from
+    the first effect that may block (`Engine.blocks`), the rest of the step runs on a worker thread."""
+    flow = flows[0]
+    error: BaseException | None = None
+    while True:
+        try:
+            effect = flow.throw(error) if error is not None else flow.send(value)
+        except StopIteration:
+            return None
+        value, error = None, None
+        if isinstance(effect, _HTTP_EFFECTS):
+            return effect
+        if engine.blocks(effect):
+            return await _step(engine, flows, partial(_perform_and_advance, engine, flow, effect))
+        try:
+            value = engine.perform(effect)
+        except Exception as exc:  # as `Engine.advance`: the flow decides what a failed effect means
+            error = exc
 
 
 _HTTP_EFFECTS = (Send, Deliver, Answer)
@@ -686,7 +705,11 @@ async def handle_async(stack: HttpStack[Req, Resp], engine: Engine, inner: Async
     consumed: bytes | None = None
     timeouts: Timeouts = {}
     try:
-        effect = await _step(engine, started, partial(_begin, engine, call, started))
+        if engine.starts_blocking:
+            effect = await _step(engine, started, partial(_begin, engine, call, started))
+        else:
+            started.append(engine.flow(call))
+            effect = await _advance_async(engine, started)
         flow = started[0]
         while True:
             if isinstance(effect, Send):

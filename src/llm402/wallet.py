@@ -169,6 +169,9 @@ class Wallet:
     """A local secp256k1 key (eth-account; libsecp256k1 through `coincurve` for payments)."""
 
     __slots__ = ("_account", "_secp")
+    blocking = False
+    """Signs in this process, in well under a millisecond: an async transport need not leave the event loop for it
+    (a `Signer` without this attribute, e.g. a remote one, is treated as blocking)."""
 
     def __init__(self, account: LocalAccount) -> None:
         self._account = account
