@@ -21,6 +21,9 @@ from llm402 import Wallet
 from llm402.sandbox import SandboxConfig, SandboxServer
 from sandbox_view import SandboxView
 
+# LiteLLM fetches its price map from GitHub at import unless told not to: the tests never leave 127.0.0.1.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 
 def _is_user_setting(name: str) -> bool:
     """The variables that change what llm402 does: every ``LLM402_*`` and the AIsa key."""
