@@ -157,7 +157,6 @@ def reader(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> 
     """A new wallet (``llm402 wallet new --json``), funded at the sandbox (``llm402 wallet fund``); a ledger file."""
     folder = tmp_path_factory.mktemp("reader")
     env = {**os.environ, "LLM402_SANDBOX_URL": sandbox.url, "LLM402_LEDGER": f"sqlite:///{folder}/ledger.db"}
-    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # LiteLLM's price map from its package: no fetch from the network
     made = cli("wallet", "new", "--json", env=env)
     assert set(made) == {"address", "private_key"}
     env["LLM402_PRIVATE_KEY"] = made["private_key"]
