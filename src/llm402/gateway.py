@@ -243,9 +243,14 @@ class Gateway:
         """The receipt of the last call finished through this gateway (any thread)."""
         return self.engine.last_receipt
 
-    def receipts(self, since: float | None = None) -> Sequence[Receipt]:
-        """Receipts stored in the ledger."""
-        return self.ledger.receipts(since)
+    def receipts(self, since: float | None = None, *, every_gateway: bool = False) -> Sequence[Receipt]:
+        """This gateway's receipts for this agent (its calls and top-ups) since ``since``, oldest first; with
+        ``every_gateway=True`` every receipt in the ledger (which may be shared by other gateways and agents)."""
+        stored = self.ledger.receipts(since)
+        if every_gateway:
+            return stored
+        origin, agent = self.origin, self.agent
+        return [r for r in stored if r.gateway == origin and r.agent == agent]
 
     def on_receipt(self, listener: ReceiptListener) -> None:
         """Call ``listener`` with each receipt as calls finish."""
