@@ -194,9 +194,7 @@ class Engine:
             return self._ledger_blocks
         if kind is Finish:
             return (
-                self._ledger_blocks
-                or bool(self._listeners or _process.listeners)
-                or bool(self.config.policy.alert_at)
+                self._ledger_blocks or bool(self._listeners or _process.listeners) or bool(self.config.policy.alert_at)
             )
         if kind in _SIGNER_EFFECTS:
             return bool(getattr(self.signer, "blocking", True))

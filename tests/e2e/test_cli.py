@@ -40,7 +40,9 @@ def test_spend_shows_costs_and_cache_savings(
     report = run(capsys, "spend", "--by", "intent", "--ledger", ledger)
     assert isinstance(report, dict)
     (row,) = report["groups"]
-    paid = [r for r in Gateway(f"{sandbox.url}/v1", ledger=ledger).receipts(every_gateway=True) if r.payment is not None]
+    paid = [
+        r for r in Gateway(f"{sandbox.url}/v1", ledger=ledger).receipts(every_gateway=True) if r.payment is not None
+    ]
     assert row["key"] == "judging"
     assert row["calls"] == 3
     assert row["cost"] == paid[0].cost
