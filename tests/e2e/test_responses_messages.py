@@ -1,6 +1,6 @@
 """The OpenAI Responses API and Anthropic Messages through llm402 against the sandbox: an unchanged
 ``openai.OpenAI(...).responses.create`` (streamed and not) and Anthropic Messages by raw httpx POSTs (and through the
-``anthropic`` SDK when it is installed) on a paid mount (exact and upto), an AIsa key, and a plain gateway with
+``anthropic`` SDK) on a paid mount (exact and upto), an AIsa key, and a plain gateway with
 prices. Receipts carry the exact tokens the answer reported; their cost is what the sandbox charged, to the atomic
 unit (its balances are the independent side); a plain gateway's daily cap binds on the metered costs."""
 
@@ -191,7 +191,7 @@ def test_messages_paid_by_raw_httpx(
 
 
 def test_messages_through_the_anthropic_sdk(sandbox: SandboxServer, view: SandboxView, wallet: Wallet) -> None:
-    anthropic = pytest.importorskip("anthropic")
+    import anthropic  # in the dev extra: never skipped
     gw = Gateway(f"{sandbox.url}/upto/v1", wallet=wallet, ledger="memory://", policy=Policy(max_payment_usd="1"))
     client = anthropic.Anthropic(
         base_url=gw.base_url.removesuffix("/v1"), api_key=gw.api_key, http_client=gw.httpx2_client(), max_retries=0
