@@ -85,3 +85,15 @@ def test_a_missing_home_is_not_created(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(ConfigurationError, match=re.escape(f"its parent {gone} does not exist")):
         open_ledger()
     assert not gone.exists()
+
+
+def test_the_sqlite_url_may_trade_power_cut_durability_for_speed(tmp_path: Path) -> None:
+    from llm402.budget import open_ledger
+    from llm402.errors import ConfigurationError
+
+    fast = open_ledger(f"sqlite:///{tmp_path}/fast.db?synchronous=NORMAL")
+    durable = open_ledger(f"sqlite:///{tmp_path}/durable.db")
+    assert fast._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # type: ignore[attr-defined]
+    assert durable._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # type: ignore[attr-defined]  # FULL
+    with pytest.raises(ConfigurationError, match="unknown sqlite ledger URL option"):
+        open_ledger(f"sqlite:///{tmp_path}/x.db?fsync=off")

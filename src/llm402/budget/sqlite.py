@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import BudgetExceeded, ConfigurationError, ReservationHeld
 from ..receipts import Receipt
@@ -159,8 +159,13 @@ class SqliteLedger:
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> SqliteLedger:
         """Open the file a ``sqlite:///`` URL names. Its folder must exist, except the default ``~/.llm402``,
-        which is created private to the user."""
-        return cls(path_from_url(url), clock=clock)
+        which is created private to the user. ``?synchronous=NORMAL`` trades the power-cut durability of
+        ``FULL`` (the default) for speed: a commit then survives a crash of the process, not of the machine."""
+        query = dict(parse_qsl(urlsplit(url).query))
+        unknown = set(query) - {"synchronous"}
+        if unknown:
+            raise ConfigurationError(f"unknown sqlite ledger URL option(s): {', '.join(sorted(unknown))}")
+        return cls(path_from_url(url), clock=clock, synchronous=query.get("synchronous", "FULL"))
 
     def __repr__(self) -> str:
         return f"SqliteLedger({self.path!r})"
