@@ -192,6 +192,7 @@ def test_messages_paid_by_raw_httpx(
 
 def test_messages_through_the_anthropic_sdk(sandbox: SandboxServer, view: SandboxView, wallet: Wallet) -> None:
     import anthropic  # in the dev extra: never skipped
+
     gw = Gateway(f"{sandbox.url}/upto/v1", wallet=wallet, ledger="memory://", policy=Policy(max_payment_usd="1"))
     client = anthropic.Anthropic(
         base_url=gw.base_url.removesuffix("/v1"), api_key=gw.api_key, http_client=gw.httpx2_client(), max_retries=0

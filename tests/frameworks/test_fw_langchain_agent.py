@@ -11,13 +11,13 @@ from typing import Any
 
 import openai
 import pytest
-from books import check_books, paid
 from langchain.agents import create_agent
 from langchain.agents.middleware import ModelFallbackMiddleware, ModelRetryMiddleware
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
+from framework_books import check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import retryable, typed_error
 from llm402.langchain import ChatGateway, GatewayBudgetExceeded, get_gateway_cost_callback

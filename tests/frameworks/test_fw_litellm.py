@@ -11,10 +11,10 @@ from typing import Any
 
 import litellm
 import pytest
-from books import check_books, paid
 from litellm import RetryPolicy
 from litellm.integrations.custom_logger import CustomLogger
 
+from framework_books import check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.litellm import async_openai_client, cost_reporting_client, openai_client

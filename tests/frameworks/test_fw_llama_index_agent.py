@@ -5,10 +5,10 @@ one payment per model call, receipts == what the sandbox charged, the cost Llama
 from __future__ import annotations
 
 import pytest
-from books import check_books, paid
 from llama_index.core.agent.workflow import AgentStream, FunctionAgent
 from llama_index.llms.openai_like import OpenAILike
 
+from framework_books import check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import refusal_of
 from llm402.llama_index import GatewayLLM, track_gateway_costs

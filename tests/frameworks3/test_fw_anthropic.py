@@ -11,8 +11,8 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from books3 import check_books, paid
 
+from framework_books import check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet, current_receipt
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.pricing import ModelPrice

@@ -9,8 +9,8 @@ from typing import Any
 import openai
 import pytest
 from agents import Agent, ModelSettings, Runner, function_tool, set_tracing_disabled
-from books3 import check_books, paid
 
+from framework_books import check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.openai_agents import GatewayCostHooks, chat_completions_model, responses_model

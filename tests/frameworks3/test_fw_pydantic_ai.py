@@ -10,10 +10,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from books3 import check_books, paid
 from pydantic_ai import Agent, CostNotFoundWarning, UsageLimitExceeded, UsageLimits
 from pydantic_ai.exceptions import ModelHTTPError
 
+from framework_books import check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.pydantic_ai import chat_model, responses_model
