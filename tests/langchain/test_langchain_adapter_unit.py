@@ -257,15 +257,17 @@ def test_cost_metadata_is_exact_and_names_the_payment() -> None:
     assert cost_metadata([]) == {}
     metadata = cost_metadata([receipt(0, paid=False), receipt(1234)])
     assert metadata["cost"] == "0.001234" and Decimal(metadata["cost"]) * 10**6 == 1234
-    assert metadata["payment"] == {
+    assert {k: metadata["payment"][k] for k in ("scheme", "network", "asset", "amount", "payer", "payee")} == {
         "scheme": "exact",
         "network": "eip155:84532",
         "asset": "0xasset",
         "amount": 1234,
         "payer": "0xpayer",
         "payee": "0xpayee",
-        "transaction": "0xtx",
     }
+    assert metadata["payment"]["transaction"] == "0xtx"
+    assert metadata["payment"]["amount_usd"] == "0.001234"  # the public receipt view: integers beside USD strings
+    assert metadata["payment"]["kind"] == "call"
     assert metadata["llm402"] == {"call_id": "c1234", "agent": "a", "intent": "i"}
     assert "payment" not in cost_metadata([receipt(5, paid=False)])
 

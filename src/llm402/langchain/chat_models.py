@@ -38,7 +38,7 @@ from ..errors import ConfigurationError
 from ..gateway import Gateway
 from ..money import atomic_to_usd
 from ..policy import Policy
-from ..receipts import Receipt
+from ..receipts import Receipt, payment_view
 from ..wallet import ENV_KEYSTORE, ENV_PRIVATE_KEY, Wallet
 from .errors import error_from_openai
 
@@ -106,15 +106,7 @@ def cost_metadata(receipts: Sequence[Receipt]) -> dict[str, Any]:
     }
     payment = next((r.payment for r in reversed(receipts) if r.payment is not None), None)
     if payment is not None:
-        metadata["payment"] = {
-            "scheme": payment.scheme,
-            "network": payment.network,
-            "asset": payment.asset,
-            "amount": payment.amount,
-            "payer": payment.payer,
-            "payee": payment.payee,
-            "transaction": payment.transaction,
-        }
+        metadata["payment"] = payment_view(payment)  # the same fields as the CLI's JSON and LlamaIndex's events
     return metadata
 
 
