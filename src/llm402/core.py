@@ -964,7 +964,7 @@ def topup_flow(
     waits for it and returns ``None`` (it reuses that credit); otherwise that is refused.
     Used by a call answered ``INSUFFICIENT_BALANCE`` and by ``llm402 topup``. Returns the top-up's receipt.
     """
-    amount = topup_amount(needed, credit.min_topup, cfg.policy, None)
+    amount = topup_amount(needed, credit.min_topup, cfg.policy)
     try:
         lease = yield from _lease(cfg, "topup", amount, Caps(daily=cfg.policy.daily_topup_cap))
     except BudgetExceeded as exc:

@@ -1,8 +1,8 @@
 """Credit gateways (Token Kiosk, AIsa ``api_key_proxy``): SIWE messages, top-up sizing, where minted keys live.
 
 Everything here is pure except `store_key` (which the engine calls) and `load_key`. Top-ups are transfers into prepaid
-credit, not consumption: caps count what calls cost, and a top-up is only allowed when it fits in what the caps have
-left.
+credit, not consumption: the consumption caps count what calls cost, and top-ups are bounded by their own limits (one
+top-up: `Policy.topup_max`; a day's: `Policy.daily_topup_cap`, held in the ledger's ``<agent>#topup`` account).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ def siwe_message(address: str, uri: str, chain_id: int, statement: str = SIWE_ST
     return text
 
 
-def topup_amount(needed: int, gateway_min: int, policy: Policy, remaining: int | None) -> int:
-    """How much to top up: at least what the call needs, the gateway's minimum and the policy's preferred size;
-    never above the policy's top-up limit or the budget left. Raises `PolicyRefusal` (``topup_refused``)."""
+def topup_amount(needed: int, gateway_min: int, policy: Policy) -> int:
+    """How much to top up: at least what the call needs, the gateway's minimum and the policy's preferred size; never
+    above the policy's top-up limit (default: the max ticket). What the day's top-ups have left is the ledger's to
+    check (the top-up's reservation). Raises `PolicyRefusal` (``topup_refused``)."""
     amount = max(needed, gateway_min, policy.topup_min or 0)
     limit = policy.topup_max
     if limit is not None and amount > limit:
@@ -93,13 +94,6 @@ def topup_amount(needed: int, gateway_min: int, policy: Policy, remaining: int |
             code="topup_refused",
             requested=amount,
             cap=limit,
-        )
-    if remaining is not None and amount > remaining:
-        raise PolicyRefusal(
-            f"a top-up of {format_usd(amount)} is above the {format_usd(remaining)} the budget has left",
-            code="topup_refused",
-            requested=amount,
-            remaining=remaining,
         )
     return amount
 
