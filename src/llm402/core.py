@@ -47,7 +47,7 @@ from .metering import Usage
 from .money import atomic_to_usd, format_usd, usd_to_atomic
 from .mpp import ACCEPT_PAYMENT, is_payment_refusal, read_problem
 from .policy import Policy
-from .pricing import PriceCatalog, estimate_cost, max_completion_tokens
+from .pricing import PriceCatalog, estimate_cost, max_completion_tokens, warn_unpriced
 from .receipts import PaymentRecord, Receipt
 from .x402 import (
     MAX_CHALLENGE_BYTES,
@@ -1406,6 +1406,8 @@ def _deliver(cfg: FlowConfig, call: CallRequest, st: CallState, head: Head) -> G
         metered = _usage_cost(cfg, call.model, usage)
         # no usage (an aborted stream, a gateway that never reports it): the reservation, an upper bound, not $0
         actual = (metered if metered is not None else st.reserved) if ok else 0
+        if ok and metered is None and call.model is not None and cfg.prices.lookup(call.model) is None:
+            warn_unpriced(call.origin, call.model)  # an unpaid answer of unknown price: never counted silently
     if cfg.cache is not None and cfg.cache.cacheable(call) and ok and not end.aborted and end.body is not None:
         kept = tuple((k, v) for k, v in head.headers.items() if k.lower() in ("content-type",))
         tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .money import ATOMIC_PER_USD
+
+log = logging.getLogger("llm402")
+_unpriced_warned: set[tuple[str, str]] = set()
+_unpriced_lock = threading.Lock()
+
+
+def warn_unpriced(origin: str, model: str) -> None:
+    """Log, once per process for each gateway and model, that an unpaid answer was priced at nothing."""
+    with _unpriced_lock:
+        if (origin, model) in _unpriced_warned:
+            return
+        _unpriced_warned.add((origin, model))
+    log.warning(
+        "llm402: %s answered %r without a payment and its price is unknown, so the call is counted at its reservation "
+        "(nothing); give the gateway prices= or profile='plain' (then, under a cap, such calls are refused). Warned "
+        "once for this model",
+        origin,
+        model,
+    )
+
 
 DEFAULT_MAX_TOKENS = 1024
 TOKENS_PER_IMAGE = 1600

@@ -380,3 +380,16 @@ def test_the_response_cache_never_serves_another_key_holder() -> None:
         good.chat.completions.create(model="m", messages=MESSAGES, temperature=0)
         assert hostile.count(CHAT) == 2  # the second good call was a cache hit; the bad key reached the gateway
     _ = PAYEE
+
+
+def test_an_unpaid_answer_of_unknown_price_on_the_default_profile_is_never_counted_silently(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with HostileGateway(lambda seen: (200, {"content-type": "application/json"}, chat_answer(1000, 1000))) as hostile:
+        gw = Gateway(hostile.url + "/v1", wallet=Wallet.create(), ledger="memory://", policy=Policy())
+        with caplog.at_level("WARNING", logger="llm402"):
+            for _ in range(3):
+                ask(gw)
+    warnings = [r for r in caplog.records if "without a payment and its price is unknown" in r.getMessage()]
+    assert len(warnings) == 1  # once per gateway and model, not per call
+    assert hostile.url in warnings[0].getMessage()
