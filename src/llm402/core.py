@@ -746,8 +746,11 @@ class CallState:
     payment: SignedPayment | None = None
     reused: bool = False
     """``payment`` was signed by an earlier attempt of the same request."""
-    earlier: OutstandingPayment | None = None
-    """What is remembered of that earlier attempt (which may have counted the payment already)."""
+    earlier_call_id: str | None = None
+    """The call that signed a re-sent payment (its exposure is released when this attempt counts the payment)."""
+    counted: bool = False
+    """Whether the payment is already counted as spent, by an earlier attempt or by this one (read once, at the start:
+    the engine's memory of it changes as this attempt reports what happened)."""
     prepaid_shape: tuple[Any, ...] | None = None
     """The request shape whose remembered price paid this call up front (one round trip)."""
     finished: bool = False
@@ -756,7 +759,7 @@ class CallState:
     @property
     def counts_payment(self) -> bool:
         """Whether this attempt must count its payment: it signed it, or the attempt that did counted nothing."""
-        return self.payment is not None and (self.earlier is None or not self.earlier.counted)
+        return self.payment is not None and not self.counted
 
     @property
     def cost_if_lost(self) -> int:
@@ -1144,7 +1147,8 @@ def _reserve(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Eff
     """Reserve the estimate (nothing for a retry that re-sends a payment an earlier attempt counted)."""
     outstanding = None if call.pay_again else cfg.payments.reusable(call.fingerprint, st.started)
     if outstanding is not None:
-        st.payment, st.reused, st.earlier = outstanding.payment, True, outstanding
+        st.payment, st.reused = outstanding.payment, True
+        st.earlier_call_id, st.counted = outstanding.call_id, outstanding.counted
         st.headers[outstanding.payment.header_name] = outstanding.payment.header_value
     estimate = 0 if st.reused else estimate_cost(cfg.prices.lookup(call.model), call.json)
     yield Reserve(Hold(st.call_id, cfg.agent, st.day, estimate, st.started + cfg.hold_seconds, cfg.intent), cfg.caps())
@@ -1164,20 +1168,20 @@ def _send(cfg: FlowConfig, call: CallRequest, st: CallState) -> Generator[Effect
         cost = st.cost_if_lost
         if st.payment is not None:
             yield from _counting(call, st, cost)
-        yield from _finish_on_error(cfg, call, st, exc)
+        yield from _finish_on_error(cfg, call, st, exc, cost)
         raise
     return head
 
 
 def _finish_on_error(
-    cfg: FlowConfig, call: CallRequest, st: CallState, exc: BaseException
+    cfg: FlowConfig, call: CallRequest, st: CallState, exc: BaseException, cost: int = 0
 ) -> Generator[Effect, Any, None]:
     """An attempt that ends in an error (a transport failure, also on a key mint or top-up's way) still finishes the
-    call: its reservation is settled (a payment it carried counts as spent) and its receipt kept."""
+    call: its reservation is settled to ``cost`` (all of a payment it carried and no attempt counted yet) and its
+    receipt kept."""
     if st.finished or not st.holds:
         return
     st.finished = True
-    cost = st.cost_if_lost
     yield Finish(st.call_id, cost, _receipt(cfg, call, st, status=None, error=type(exc).__name__, cost=cost))
 
 
@@ -1288,9 +1292,9 @@ def _pay_and_replay(cfg: FlowConfig, call: CallRequest, st: CallState, head: Hea
 def _counting(call: CallRequest, st: CallState, cost: int, *, note: bool = True) -> Generator[Effect, Any, None]:
     """This attempt counts ``cost`` of its payment: an earlier refused attempt's exposure is released (it is counted
     here instead), and with ``note`` the payment stays resendable, marked as counted."""
-    earlier = st.earlier
-    if cost and earlier is not None and not earlier.counted:
-        yield Release(earlier.call_id)
+    if cost and st.earlier_call_id is not None and not st.counted:
+        yield Release(st.earlier_call_id)
+    st.counted = st.counted or cost > 0
     if note:
         yield NotePayment(call.fingerprint, "unknown", counted=cost > 0)
 
@@ -1308,7 +1312,8 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
         return  # a 402, or a 403 with a Payment-scheme problem (an MPP credential refused or replayed), goes on
     reason = _reason(head)
     if redirected:
-        yield from _counting(call, st, st.cost_if_lost)
+        cost = st.cost_if_lost
+        yield from _counting(call, st, cost)
         raise _Refused(
             PaymentRejected(
                 "the gateway redirected the paid request; llm402 does not follow a paid request elsewhere",
@@ -1316,7 +1321,7 @@ def _check_paid_answer(cfg: FlowConfig, call: CallRequest, st: CallState, head: 
                 gateway_reason=reason,
                 amount=payment.amount,
             ),
-            cost=st.cost_if_lost,
+            cost=cost,
         )
     settlement = _own_settlement(payment, decode_settlement(head.headers))
     shown = settlement is not None and (settlement.success or settlement.transaction is not None)
@@ -1349,12 +1354,12 @@ def _settled_refusal(
     payment = st.payment
     assert payment is not None
     transaction = settlement.transaction if settlement is not None else None
+    cost = charged(payment, settlement if settlement and settlement.success else None) if st.counts_payment else 0
+    yield from _counting(call, st, cost, note=False)
     yield NotePayment(call.fingerprint, "settled", transaction=transaction)
     entry = cfg.payments.reusable(call.fingerprint, st.started)
     transaction = transaction or (entry.transaction if entry is not None else None)
     paid_by = entry.call_id if entry is not None else st.call_id
-    cost = charged(payment, settlement if settlement and settlement.success else None) if st.counts_payment else 0
-    yield from _counting(call, st, cost, note=False)
     return _Refused(
         PaidAnswerLost(
             f"the gateway shows this call's payment of {format_usd(payment.amount)} as settled "

@@ -81,7 +81,9 @@ class Policy(BaseModel):
     alert_at: tuple[Decimal, ...] = Field(
         (), description="fractions of each cap that raise a budget alert once per period, e.g. [0.8, 1]"
     )
-    alert_webhook: str | None = Field(None, description="URL that receives each budget alert as a JSON POST")
+    alert_webhook: str | None = Field(
+        None, description="URL that receives each budget alert as a JSON POST", repr=False
+    )  # webhook URLs often carry a token (Slack's do): never in a repr or a log
     one_round_trip: bool = Field(
         False, description="send a signed payment with the first request when the price is known"
     )

@@ -79,3 +79,8 @@ def test_listeners_hear_each_alert_once_in_process() -> None:
             client.post(gw.base_url + "/chat/completions", content=json.dumps(body))
     assert [(a.cap, a.threshold) for a in heard] == [("daily", Decimal("0.5"))]
     assert heard[0].used >= 5_000 and sum(r.cost for r in gw.receipts()) <= 10_000
+
+
+def test_a_webhook_url_never_reaches_a_repr() -> None:
+    policy = Policy(alert_at=["0.8"], alert_webhook="https://hooks.example/services/T0/B0/s3cr3t-token")
+    assert "s3cr3t-token" not in repr(policy) and "s3cr3t-token" not in str(policy)

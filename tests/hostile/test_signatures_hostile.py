@@ -187,3 +187,43 @@ def test_the_payment_identifier_a_gateway_declares_is_sent_and_kept_across_retri
     ids = {p["extensions"]["payment-identifier"]["info"]["id"] for p in sent}
     assert len(sent) == 2 and len(ids) == 1  # the retry carried the same payment and so the same id
     assert next(iter(ids)).startswith("pay_")
+
+
+class RefuseThenShow:
+    """Settles every new authorization but answers 402 without saying so; a re-sent one then gets ``then``."""
+
+    def __init__(self, then: str) -> None:
+        self.settled: list[str] = []
+        self.then = then
+
+    def __call__(self, seen: Seen) -> tuple[int, dict[str, str], bytes]:
+        if seen.payment is None:
+            return 402, challenge_v2(PRICE), b"{}"
+        if seen.payment not in self.settled:
+            self.settled.append(seen.payment)  # it moved the money, and claims it could not
+            body = {"x402Version": 2, "error": "facilitator_unavailable", "accepts": []}
+            return 402, {"PAYMENT-REQUIRED": b64(body)}, b"{}"
+        if self.then == "redirect":
+            return 307, {"location": "http://127.0.0.1:9/elsewhere"}, b""
+        body = {"x402Version": 2, "error": "invalid_exact_evm_nonce_already_used", "accepts": []}
+        return 402, {"PAYMENT-REQUIRED": b64(body)}, b"{}"
+
+
+@pytest.mark.parametrize("then", ["nonce_already_used", "redirect"])
+def test_a_refused_payment_shown_settled_on_a_retry_is_counted_once(then: str) -> None:
+    import time as _time
+
+    from llm402.budget.base import receipt_day
+
+    script = RefuseThenShow(then)
+    with HostileGateway(script) as hostile:
+        gw = Gateway(hostile.url + "/v1", wallet=Wallet.create(), ledger="memory://", policy=Policy())
+        for _ in range(3):
+            with pytest.raises(openai.APIStatusError):
+                ask(gw)
+        assert len(set(hostile.payments())) == 1
+    assert len(script.settled) == 1
+    totals = gw.ledger.totals(gw.agent, receipt_day(_time.time()))
+    assert totals.day_spent == PRICE  # what moved is spent, once
+    assert totals.day_reserved == 0  # and the first call's exposure was released, not left beside it
+    assert sum(r.cost for r in gw.receipts()) == PRICE
