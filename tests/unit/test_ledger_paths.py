@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -97,3 +98,21 @@ def test_the_sqlite_url_may_trade_power_cut_durability_for_speed(tmp_path: Path)
     assert durable._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # type: ignore[attr-defined]  # FULL
     with pytest.raises(ConfigurationError, match="unknown sqlite ledger URL option"):
         open_ledger(f"sqlite:///{tmp_path}/x.db?fsync=off")
+
+
+def test_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    opener = (
+        "import os, sys, time\n"
+        "from llm402.budget import open_ledger\n"
+        "while not os.path.exists(sys.argv[2]): time.sleep(0.0005)\n"  # imported: now all open at the same moment
+        "open_ledger('sqlite:///' + sys.argv[1]).close()\n"
+    )
+    for round_ in range(6):  # switching a new file to WAL raced ("database is locked" in 4 of 15 pairs)
+        path, go = tmp_path / f"race{round_}.db", tmp_path / f"go{round_}"
+        children = [subprocess.Popen([sys.executable, "-c", opener, str(path), str(go)]) for _ in range(4)]
+        time.sleep(0.5)
+        go.touch()
+        assert [child.wait(timeout=60) for child in children] == [0, 0, 0, 0]

@@ -148,8 +148,8 @@ class SqliteLedger:
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         try:
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            if self.path != MEMORY and self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self._conn.execute("PRAGMA journal_mode = WAL")  # persistent: set once by whoever creates the file
+            if self.path != MEMORY:
+                _use_wal(self._conn, busy_timeout)
             self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             self._migrate()
         except BaseException:
@@ -388,6 +388,19 @@ class SqliteLedger:
         """Close the connection."""
         with self._lock:
             self._conn.close()
+
+
+def _use_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the file in WAL mode (persistent: once, by whoever creates it). Switching takes the file's exclusive lock
+    without waiting on the busy handler, so two processes opening a new ledger at once retry instead of failing."""
+    deadline = time.monotonic() + timeout
+    while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _prepare_file(path: Path) -> None:
