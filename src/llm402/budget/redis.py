@@ -44,6 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -62,6 +63,7 @@ from .base import (
     receipt_to_json,
     spend_rows,
 )
+from .group_commit import GroupCommit, Outcome
 
 DEFAULT_NAMESPACE = "llm402"
 SWEEP_BATCH = 1000
@@ -319,6 +321,15 @@ def _score(value: float) -> str:
 _NO_FLOOR = (0, "")
 
 
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """One script run, queued for the shared pipeline."""
+
+    sha: str
+    keys: list[str]
+    args: list[str]
+
+
 class LedgerRolledBack(PolicyRefusal):
     """The ledger's store holds fewer writes than this process (or the watermark file) has seen: it restarted from an
     older snapshot or lost writes, so spend that happened is missing from it. No new spend is admitted until the data
@@ -387,6 +398,7 @@ class RedisLedger:
 
         self.namespace = _check_namespace(namespace)
         self._response_error: type[Exception] = redis.ResponseError
+        self._no_script: type[Exception] = redis.exceptions.NoScriptError
         self._client = client
         self._clock = clock
         tag = f"{{{namespace}}}"
@@ -412,6 +424,9 @@ class RedisLedger:
         self._record_script = client.register_script(_RECORD)
         self._recover_script = client.register_script(_RECOVER)
         self._totals_script = client.register_script(_TOTALS)
+        self._group: GroupCommit[_Command] | None = None
+        if isinstance(client, redis.Redis):  # a cluster client routes each command itself: no shared round trips
+            self._group = GroupCommit(self._send_batch)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> RedisLedger:
@@ -448,7 +463,7 @@ class RedisLedger:
 
     def _run(self, script: Any, keys: list[str], args: list[str], call_id: str | None = None) -> Any:
         try:
-            return script(keys=keys, args=args, client=self._client)
+            return self._evalsha(script, keys, args)
         except self._response_error as exc:
             message = str(exc)
             if "LLM402_DUPLICATE" in message:
@@ -467,6 +482,40 @@ class RedisLedger:
                     seen_writes=self._floor[0],
                 ) from None
             raise
+
+    def _evalsha(self, script: Any, keys: list[str], args: list[str]) -> Any:
+        """Run a script: through the shared pipeline (the scripts of concurrent threads go in one round trip), or
+        on its own where there is none. A script the server does not know (restarted, flushed) did not run: it is
+        loaded and run on its own."""
+        if self._group is not None:
+            try:
+                return self._group.run(_Command(script.sha, keys, args))
+            except self._no_script:
+                pass
+        return script(keys=keys, args=args, client=self._client)
+
+    def _send_batch(self, commands: Sequence[_Command]) -> list[Outcome]:
+        """One round trip: every queued script written at once, each answer read in order. Each script is atomic on
+        the server on its own; a script's error is its own outcome. A connection that fails is dropped and every
+        script of the batch gets the error (as a lone script would: whether it ran is unknown), never re-sent."""
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(
+                conn.pack_commands([("EVALSHA", c.sha, len(c.keys), *c.keys, *c.args) for c in commands])
+            )
+            outcomes = []
+            for _ in commands:
+                try:
+                    outcomes.append(Outcome(conn.read_response()))
+                except self._response_error as exc:
+                    outcomes.append(Outcome(error=exc))
+            return outcomes
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def _current_floor(self) -> list[str]:
         """The floor to hold the store to, as script arguments: this process's, raised to the watermark file's."""

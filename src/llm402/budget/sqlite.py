@@ -41,9 +41,12 @@ from .base import (
     receipt_to_json,
     sql_spend_row,
 )
+from .group_commit import GroupCommit, Outcome
 from .memory import DANGLING, EXPOSED, HELD
 from .urls import DEFAULT_LEDGER_DIR, default_ledger_dir
 
+SqlWrite = Callable[[sqlite3.Connection], Any]
+"""One money write, run inside a group commit's transaction."""
 SCHEMA_VERSION = 1
 MEMORY = ":memory:"
 
@@ -155,6 +158,7 @@ class SqliteLedger:
         except BaseException:
             self._conn.close()
             raise
+        self._group: GroupCommit[SqlWrite] = GroupCommit(self._run_batch)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> SqliteLedger:
@@ -195,6 +199,26 @@ class SqliteLedger:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    def _run_batch(self, writes: Sequence[SqlWrite]) -> list[Outcome]:
+        """Run the writes of a group commit in one ``BEGIN IMMEDIATE`` transaction, each under a savepoint (a write
+        alone needs none: its failure rolls the transaction back)."""
+        if len(writes) == 1:
+            with self._write() as conn:
+                return [Outcome(writes[0](conn))]
+        outcomes = []
+        with self._write() as conn:
+            for write in writes:
+                conn.execute("SAVEPOINT write")
+                try:
+                    outcomes.append(Outcome(write(conn)))
+                except Exception as exc:
+                    if not conn.in_transaction:  # SQLite rolled the whole transaction back (I/O error, disk full)
+                        raise
+                    conn.execute("ROLLBACK TO write")
+                    outcomes.append(Outcome(error=exc))
+                conn.execute("RELEASE write")
+        return outcomes
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -280,7 +304,7 @@ class SqliteLedger:
             ),
         )
 
-    # the Ledger protocol
+    # the Ledger protocol: every write goes through the group commit (one transaction and one fsync per batch)
     def reserve(self, hold: Hold, caps: Caps) -> None:
         """Sweep expired reservations, check every cap and reserve, in one ``BEGIN IMMEDIATE`` transaction.
 
@@ -288,78 +312,86 @@ class SqliteLedger:
         if hold.amount < 0:
             raise ConfigurationError("a reservation cannot be negative")
         now = float(self._clock())
-        refusal: Exception | None = None
-        with self._write() as conn:
-            self._sweep(conn, now)
-            try:
-                if conn.execute("SELECT 1 FROM reservations WHERE call_id = ?", (hold.call_id,)).fetchone():
-                    raise ReservationHeld(f"call {hold.call_id} already holds a reservation")
-                self._check(conn, hold.agent, hold.day, hold.amount, caps)
-            except (ConfigurationError, BudgetExceeded) as exc:
-                refusal = exc
-            else:
-                conn.execute(
-                    "INSERT INTO reservations (call_id, agent, day, intent, amount, state, expires_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (hold.call_id, hold.agent, hold.day, hold.intent, hold.amount, HELD, hold.expires_at),
-                )
+        refusal = self._group.run(lambda conn: self._reserve(conn, hold, caps, now))
         if refusal is not None:
             raise refusal
 
+    def _reserve(self, conn: sqlite3.Connection, hold: Hold, caps: Caps, now: float) -> Exception | None:
+        self._sweep(conn, now)
+        try:
+            if conn.execute("SELECT 1 FROM reservations WHERE call_id = ?", (hold.call_id,)).fetchone():
+                raise ReservationHeld(f"call {hold.call_id} already holds a reservation")
+            self._check(conn, hold.agent, hold.day, hold.amount, caps)
+        except (ConfigurationError, BudgetExceeded) as exc:
+            return exc  # returned, not raised: the sweep above stays committed
+        conn.execute(
+            "INSERT INTO reservations (call_id, agent, day, intent, amount, state, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (hold.call_id, hold.agent, hold.day, hold.intent, hold.amount, HELD, hold.expires_at),
+        )
+        return None
+
     def grow(self, call_id: str, amount: int, caps: Caps) -> None:
         """Raise a reservation under the caps (same transaction shape as `reserve`)."""
-        with self._write() as conn:
-            row = conn.execute("SELECT agent, day, amount FROM reservations WHERE call_id = ?", (call_id,)).fetchone()
-            if row is None:
-                raise KeyError(call_id)
-            agent, day, current = row
-            if amount <= current:
-                return
+        self._group.run(lambda conn: self._grow(conn, call_id, amount, caps))
+
+    def _grow(self, conn: sqlite3.Connection, call_id: str, amount: int, caps: Caps) -> None:
+        row = conn.execute("SELECT agent, day, amount FROM reservations WHERE call_id = ?", (call_id,)).fetchone()
+        if row is None:
+            raise KeyError(call_id)
+        agent, day, current = row
+        if amount > current:
             self._check(conn, agent, day, amount - int(current), caps)
             conn.execute("UPDATE reservations SET amount = ? WHERE call_id = ?", (amount, call_id))
 
     def expose(self, call_id: str, amount: int, valid_before: float) -> None:
         """Mark a signed payment as outstanding until ``valid_before`` (no cap check: it is already signed)."""
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE reservations SET state = ?, exposure = MAX(exposure, ?), amount = MAX(amount, ?), "
-                "expires_at = MAX(expires_at, ?) WHERE call_id = ?",
-                (EXPOSED, amount, amount, valid_before, call_id),
-            )
-            if cursor.rowcount == 0:
-                raise KeyError(call_id)
+        self._group.run(lambda conn: self._expose(conn, call_id, amount, valid_before))
+
+    @staticmethod
+    def _expose(conn: sqlite3.Connection, call_id: str, amount: int, valid_before: float) -> None:
+        cursor = conn.execute(
+            "UPDATE reservations SET state = ?, exposure = MAX(exposure, ?), amount = MAX(amount, ?), "
+            "expires_at = MAX(expires_at, ?) WHERE call_id = ?",
+            (EXPOSED, amount, amount, valid_before, call_id),
+        )
+        if cursor.rowcount == 0:
+            raise KeyError(call_id)
 
     def settle(self, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None = None) -> None:
         """Commit ``actual`` and store the receipt; an unsettled authorization's remainder dangles until it expires."""
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT agent, day, state, exposure FROM reservations WHERE call_id = ?", (call_id,)
-            ).fetchone()
-            if row is not None:
-                agent, day, state, exposure = row
-                self._commit(conn, agent, day, actual)
-                left = dangling_amount(int(exposure), actual, outstanding)
-                if state == EXPOSED and left > 0:
-                    conn.execute(
-                        "UPDATE reservations SET state = ?, amount = ?, exposure = 0 WHERE call_id = ?",
-                        (DANGLING, left, call_id),
-                    )
-                else:
-                    conn.execute("DELETE FROM reservations WHERE call_id = ?", (call_id,))
-            elif receipt is not None:  # swept while the call ran: what it cost is still spent
-                self._commit(conn, ledger_agent(receipt), receipt_day(receipt.started_at), actual)
-            if receipt is not None:
-                self._insert_receipt(conn, receipt)
+        self._group.run(lambda conn: self._settle(conn, call_id, actual, receipt, outstanding))
+
+    def _settle(
+        self, conn: sqlite3.Connection, call_id: str, actual: int, receipt: Receipt | None, outstanding: int | None
+    ) -> None:
+        row = conn.execute(
+            "SELECT agent, day, state, exposure FROM reservations WHERE call_id = ?", (call_id,)
+        ).fetchone()
+        if row is not None:
+            agent, day, state, exposure = row
+            self._commit(conn, agent, day, actual)
+            left = dangling_amount(int(exposure), actual, outstanding)
+            if state == EXPOSED and left > 0:
+                conn.execute(
+                    "UPDATE reservations SET state = ?, amount = ?, exposure = 0 WHERE call_id = ?",
+                    (DANGLING, left, call_id),
+                )
+            else:
+                conn.execute("DELETE FROM reservations WHERE call_id = ?", (call_id,))
+        elif receipt is not None:  # swept while the call ran: what it cost is still spent
+            self._commit(conn, ledger_agent(receipt), receipt_day(receipt.started_at), actual)
+        if receipt is not None:
+            self._insert_receipt(conn, receipt)
 
     def record(self, receipt: Receipt) -> None:
         """Store a receipt of a call that reserved nothing."""
-        with self._write() as conn:
-            self._insert_receipt(conn, receipt)
+        self._group.run(lambda conn: self._insert_receipt(conn, receipt))
 
     def recover(self, now: float) -> int:
         """Resolve reservations expired at ``now`` (left by crashed processes)."""
-        with self._write() as conn:
-            return self._sweep(conn, now)
+        resolved: int = self._group.run(lambda conn: self._sweep(conn, now))
+        return resolved
 
     def totals(self, agent: str, day: str) -> LedgerTotals:
         """Spent and reserved sums, read in one snapshot."""
