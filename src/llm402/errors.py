@@ -29,6 +29,15 @@ class ReservationHeld(ConfigurationError):
     """A reservation with this id is already open (a call id reused, or a top-up or key mint in flight elsewhere)."""
 
 
+class LedgerInterrupted(Llm402Error):
+    """The thread committing a batch of ledger writes (this one among them) was interrupted (Ctrl-C) before it could
+    say how the batch ended: whether this write was committed is unknown. A reservation left behind is released by
+    its expiry, like a crashed process's."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted while committing a batch of ledger writes: this write may or may not be stored")
+
+
 class WalletError(Llm402Error):
     """The wallet could not be loaded or could not sign (messages never contain key material)."""
 

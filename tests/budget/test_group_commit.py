@@ -341,6 +341,9 @@ def test_writes_queued_together_fail_alone_and_commit_together(shared_url: str) 
     assert isinstance(results["grow-unknown"], KeyError)
     assert group.batches == 2  # the four queued writes shared one transaction
     assert ledger.totals("a", day).day_reserved == 300
+    other = open_ledger(shared_url)  # committed, not only done: another connection sees every returned write
+    assert other.totals("a", day).day_reserved == 300
+    other.close()
     for call_id in ("a", "b", "c"):
         ledger.settle(call_id, 40, None)
     totals = ledger.totals("a", day)
@@ -361,3 +364,45 @@ def test_a_script_the_redis_server_forgot_runs_once(redis_server: str) -> None:
     totals = ledger.totals("a", day)
     assert (totals.day_spent, totals.day_reserved) == (60, 0)
     ledger.close()
+
+
+def test_a_leader_interrupted_mid_batch_leaves_no_writer_waiting() -> None:
+    """Ctrl-C in the thread running a batch: it raises KeyboardInterrupt; every other writer of that batch gets a typed
+    `LedgerInterrupted` (whether its write was stored is unknown), and the next writer leads."""
+    hold = threading.Event()
+    batches: list[int] = []
+
+    def run_batch(writes: Sequence[Write]) -> list[Outcome]:
+        batches.append(len(writes))
+        if len(batches) == 1:
+            hold.wait(5)  # the first batch holds the lead while three writers queue: they form the second batch
+        if len(batches) == 2:
+            raise KeyboardInterrupt  # in the thread leading the second batch
+        return [Outcome(write([])) for write in writes]
+
+    group: GroupCommit[Write] = GroupCommit(run_batch)
+    first = threading.Thread(target=group.run, args=(append("first"),))
+    first.start()
+    time.sleep(0.05)
+    results: list[Any] = []
+
+    def write(value: int) -> None:
+        try:
+            results.append(group.run(append(value)))
+        except BaseException as exc:
+            results.append(exc)
+
+    writers = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    for thread in writers:
+        thread.start()
+    time.sleep(0.1)
+    hold.set()
+    for thread in [first, *writers]:
+        thread.join(5)
+    assert batches[:2] == [1, 3]
+    assert sorted(type(result).__name__ for result in results) == [
+        "KeyboardInterrupt",
+        "LedgerInterrupted",
+        "LedgerInterrupted",
+    ]
+    assert group.run(append("after")) == "after"

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ..errors import LedgerInterrupted
+
 T = TypeVar("T")
 """What a backend queues for one write: a function of its connection (SQL) or a command to send (Redis)."""
 
@@ -101,13 +103,20 @@ class GroupCommit(Generic[T]):
         """Run every queued write in one transaction, give each its outcome, then hand the lead over."""
         with self._lock:
             batch, self._queue = self._queue, []
+        outcomes: list[Outcome] = []
         try:
             outcomes = self._run_batch([queued.write for queued in batch])
-        except BaseException as exc:  # the transaction failed as a whole: nothing committed, for anyone
+        except Exception as exc:  # the transaction failed as a whole: nothing committed, for anyone
             outcomes = [Outcome(error=exc) for _ in batch]
+        finally:  # also when the leader is interrupted (Ctrl-C): the others get an answer and one of them leads
+            self._finish(batch, outcomes)
+
+    def _finish(self, batch: list[_Queued[T]], outcomes: list[Outcome]) -> None:
         self.batches += 1
         with self._lock:
             self._hand_over()
+        if len(outcomes) != len(batch):
+            outcomes = [Outcome(error=LedgerInterrupted()) for _ in batch]
         for queued, outcome in zip(batch, outcomes, strict=True):
             queued.outcome = outcome
             if queued.done is not None:
