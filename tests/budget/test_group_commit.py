@@ -3,10 +3,13 @@ failing write undoes only itself."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -406,3 +409,42 @@ def test_a_leader_interrupted_mid_batch_leaves_no_writer_waiting() -> None:
         "LedgerInterrupted",
     ]
     assert group.run(append("after")) == "after"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork only")
+def test_a_child_forked_while_a_batch_runs_can_write() -> None:
+    """A process forked while another thread leads a batch: the child has no leader (that thread does not exist in
+    it), so its first write must lead, not wait for ever."""
+    parent = os.getpid()
+    hold = threading.Event()
+
+    def run_batch(writes: Sequence[Write]) -> list[Outcome]:
+        if os.getpid() == parent:
+            hold.wait(5)
+        return [Outcome(write([])) for write in writes]
+
+    group: GroupCommit[Write] = GroupCommit(run_batch)
+    leader = threading.Thread(target=group.run, args=(append("parent"),))
+    leader.start()
+    time.sleep(0.05)  # the leader is inside its batch, holding the lead
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() in a multi-threaded process
+        child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os._exit(0 if group.run(append("child")) == "child" else 1)
+    try:
+        deadline = time.monotonic() + 5
+        status = 0
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail("the forked child's write waited for the parent's leader")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        hold.set()
+        leader.join(5)

@@ -15,7 +15,9 @@ a batch in one transaction.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -58,11 +60,17 @@ class GroupCommit(Generic[T]):
 
     def __init__(self, run_batch: RunBatch[T]) -> None:
         self._run_batch = run_batch
+        self.batches = 0
+        """Transactions run so far (writes / batches is the mean batch size)."""
+        self._start_empty()
+        _groups.add(self)
+
+    def _start_empty(self) -> None:
+        """No write queued, nobody leading. Also a forked child's state: the parent's threads (a leader among them,
+        perhaps holding the lock) do not exist in the child, so nothing it inherited can be waited for."""
         self._lock = threading.Lock()
         self._queue: list[_Queued[T]] = []
         self._leading = False
-        self.batches = 0
-        """Transactions run so far (writes / batches is the mean batch size)."""
 
     def run(self, write: T) -> Any:
         """Run ``write`` in the next batch; return its value or raise its error once that batch has committed."""
@@ -131,3 +139,15 @@ class GroupCommit(Generic[T]):
             nxt.done.set()
         else:
             self._leading = False
+
+
+_groups: weakref.WeakSet[GroupCommit[Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for group in list(_groups):
+        group._start_empty()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: a child forked while a batch ran must not wait for the parent's leader
+    os.register_at_fork(after_in_child=_after_fork_in_child)
