@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -67,3 +68,24 @@ def reserve_then_hang(url: str, call_id: str, day: str, amount: int, expose: boo
         ledger.expose(call_id, amount, time.time() + 60)
     ready.set()
     time.sleep(120)
+
+
+def reserve_until_killed(url: str, day: str, amount: int, threads: int, report: Any) -> None:
+    """``threads`` threads reserve (and settle every other call at its full amount) until the process is SIGKILLed;
+    each reservation is reported through ``report`` (a pipe end) only after `reserve` returned."""
+    ledger = open_ledger(url)
+    lock = threading.Lock()
+
+    def work(index: int) -> None:
+        for n in range(1_000_000):
+            call_id = f"{os.getpid()}-{index}-{n}"
+            ledger.reserve(Hold(call_id, "killed", day, amount, time.time() + 900), Caps(daily=10**15))
+            with lock:
+                report.send(call_id)
+            if n % 2:
+                ledger.settle(call_id, amount, None)
+
+    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    time.sleep(600)
