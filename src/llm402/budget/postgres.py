@@ -17,6 +17,9 @@ questions (a reserve's sweep settles other agents' rows); SERIALIZABLE would nee
 lock, taken first, cannot deadlock and needs no retry. Reads (``totals``, ``receipts``, the spend report) take no
 lock: each is one statement, hence one consistent snapshot.
 
+Concurrent writes of one ledger object share one such transaction (and one WAL flush), each under a savepoint
+(`group_commit`); none returns before that transaction has committed.
+
 Durability. A reservation is committed before ``reserve`` returns; with the server's default ``synchronous_commit =
 on`` the commit waits for the WAL flush, so a reservation survives a crash of the client and of the server before the
 request leaves (invariant 3). A session whose ``synchronous_commit`` is ``off`` is switched back to ``on``.

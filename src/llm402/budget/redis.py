@@ -1,7 +1,9 @@
 """`RedisLedger`: one ledger shared by many machines (``redis://host:port/db``, ``rediss://``, ``redis+cluster://``).
 
 Every operation that changes money is one Lua script (registered once, run by ``EVALSHA``), so the sums read, the caps
-compared and the counters written form one atomic step on the server, whatever the number of clients.
+compared and the counters written form one atomic step on the server, whatever the number of clients. The scripts of
+this process's threads that arrive together go in one pipelined round trip (`group_commit`; each script still atomic
+on its own); a cluster client sends each on its own.
 
 Keys. Everything of one ledger lives under ONE hash tag, ``{llm402}`` by default (``?namespace=name`` or
 ``namespace=`` picks another)::

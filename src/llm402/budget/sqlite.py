@@ -1,10 +1,12 @@
 """`SqliteLedger`: the default ledger, one file shared by every process and thread on a machine.
 
-Each write is one ``BEGIN IMMEDIATE`` transaction: SQLite takes the database's write lock at ``BEGIN``, so the sums
-read, the caps compared and the row written form one atomic check-and-reserve across processes, and a refused
-reservation rolls back with nothing written. WAL mode lets readers (``totals``, ``receipts``, the CLI) run beside a
-writer; ``busy_timeout`` makes a writer wait for the lock instead of failing. ``synchronous=FULL`` by default, so a
-reservation survives a power cut, not only a crash, before the request leaves (invariant 3).
+Each write runs in a ``BEGIN IMMEDIATE`` transaction: SQLite takes the database's write lock at ``BEGIN``, so the
+sums read, the caps compared and the row written form one atomic check-and-reserve across processes, and a refused
+reservation writes nothing. Writes of this process's threads that arrive together share one transaction and one
+fsync, each under its own savepoint (`group_commit`); none returns before that transaction has committed. WAL mode
+lets readers (``totals``, ``receipts``, the CLI) run beside a writer; ``busy_timeout`` makes a writer wait for the
+lock instead of failing. ``synchronous=FULL`` by default, so a reservation survives a power cut, not only a crash,
+before the request leaves (invariant 3).
 
 Spent money lives in running totals (one row per agent-day, per agent and globally) and open reservations in their
 own small table, so a reserve reads a handful of rows whatever the number of receipts; receipts are an append-only
