@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -243,20 +245,33 @@ def test_chat_stream_reports_tokens_from_the_receipt(sandbox: SandboxServer, key
     assert data["receipt"]["prompt_tokens"] > 0 and data["cost_usd"] == data["receipt"]["cost_usd"]
 
 
+@contextmanager
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Start children with SIGINT's default action, as a shell in a terminal does. Run from a background job
+    (``pytest &``) the tests inherit SIGINT ignored, and an ignored signal stays ignored across exec, so Ctrl-C would
+    not reach the CLI at all; a handled one is reset to the default there."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_during_a_stream_says_what_it_cost(tmp_path: Path) -> None:
     with SandboxServer(SandboxConfig(db_path=":memory:", faults="stream_forever")) as server:
         view = SandboxView(server)
         wallet = view.funded_wallet()
         env = {**os.environ, "LLM402_PRIVATE_KEY": wallet.export_private_key()}
         argv = ["chat", "--base-url", f"{server.url}/v1", "--model", "sandbox/small", "--message", "go on forever"]
-        proc = subprocess.Popen(
-            [*CLI, *argv, "--stream", "--ledger", f"sqlite:///{tmp_path}/ledger.db"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
+        with ctrl_c_reaches_children():
+            proc = subprocess.Popen(
+                [*CLI, *argv, "--stream", "--ledger", f"sqlite:///{tmp_path}/ledger.db"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
         deadline = time.monotonic() + 30
         while view.spent(wallet.address) == 0 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -277,13 +292,14 @@ def test_demo_and_sandbox_take_json() -> None:
     demo = json.loads(done.stdout)
     assert demo["balanced"] is True and len(demo["calls"]) == 7
     assert demo["total"] == sum(c["cost"] for c in demo["calls"]) and re.fullmatch(r"\d+\.\d{6}", demo["total_usd"])
-    proc = subprocess.Popen(
-        [*CLI, "sandbox", "--json", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    with ctrl_c_reaches_children():
+        proc = subprocess.Popen(
+            [*CLI, "sandbox", "--json", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
