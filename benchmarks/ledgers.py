@@ -2,18 +2,20 @@
 
     .venv/bin/python benchmarks/ledgers.py [--seconds S] [--json PATH]
 
-Each pair is what a call costs the ledger: an atomic check-and-reserve under three caps, then a settlement. Durable
-backends are bounded by their flush: a thread alone waits for two flushes a pair (the reservation must be on disk
-before the request leaves; the settlement before `settle` returns), so the run also measures this disk's flush
-(``fdatasync`` of a 4 KiB overwrite, the median of 300) and reports SQLite's one-thread rate against that bound. The
-Redis and PostgreSQL servers are throwaway ones on 127.0.0.1 (the system's, else the ones the dev extra's wheels ship),
-with their default durability.
+Each pair is what a call costs the ledger: an atomic check-and-reserve under three caps, then a settlement. The
+shared backends are also run as 4 processes of 2 threads (8 threads in all, each process with its own connection and
+its own group commits). Durable backends are bounded by their flush: a thread alone waits for two flushes a pair (the
+reservation must be on disk before the request leaves; the settlement before `settle` returns), so the run also
+measures this disk's flush (``fdatasync`` of a 4 KiB overwrite, the median of 300) and reports SQLite's one-thread
+rate against that bound. The Redis and PostgreSQL servers are throwaway ones on 127.0.0.1 (the system's, else the
+ones the dev extra's wheels ship), with their default durability.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -56,6 +58,51 @@ def ledger_ops(url: str, threads: int, seconds: float = 1.5) -> float:
     elapsed = time.perf_counter() - started
     ledger.close()
     return sum(done) / elapsed
+
+
+def _process_pairs(url: str, threads: int, seconds: float, ready: Any, start: Any, results: Any) -> None:
+    """One process of `ledger_ops_in_processes`: open the ledger, wait for the start, count pairs for ``seconds``."""
+    ledger = open_ledger(url)
+    caps = Caps(daily=10**15, total=10**15, global_=10**15)
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    done = [0] * threads
+    ready.put(True)
+    start.wait()
+    stop = time.perf_counter() + seconds
+
+    def work(index: int) -> None:
+        while time.perf_counter() < stop:
+            call = uuid.uuid4().hex
+            ledger.reserve(Hold(call, f"bench-{index % 2}", day, 10, time.time() + 900), caps)
+            ledger.settle(call, 7, None)
+            done[index] += 1
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in pool:
+        worker.start()
+    for worker in pool:
+        worker.join()
+    ledger.close()
+    results.put(sum(done))
+
+
+def ledger_ops_in_processes(url: str, processes: int, threads: int, seconds: float = 1.5) -> float:
+    """reserve + settle pairs per second, ``processes`` processes of ``threads`` threads, all started together."""
+    context = multiprocessing.get_context("spawn")
+    ready, results, start = context.Queue(), context.Queue(), context.Event()
+    pool = [
+        context.Process(target=_process_pairs, args=(url, threads, seconds, ready, start, results))
+        for _ in range(processes)
+    ]
+    for process in pool:
+        process.start()
+    for _ in pool:
+        ready.get(timeout=60)
+    start.set()
+    total = sum(results.get(timeout=60 + seconds) for _ in pool)
+    for process in pool:
+        process.join()
+    return total / seconds
 
 
 def flush_seconds(folder: str, samples: int = 300) -> float:
@@ -155,7 +202,10 @@ def measure(seconds: float) -> list[dict[str, Any]]:
                 continue
             one = ledger_ops(url, 1, seconds)
             many = ledger_ops(url, 8, seconds)
-            rows.append({"backend": name, "one_thread": one, "eight_threads": many})
+            row: dict[str, Any] = {"backend": name, "one_thread": one, "eight_threads": many}
+            if not url.startswith("memory"):
+                row["four_processes_of_two_threads"] = ledger_ops_in_processes(url, 4, 2, seconds)
+            rows.append(row)
         rows.append({"backend": "this disk's flush (fdatasync of 4 KiB)", "flush_ms": flush * 1e3})
     return rows
 
@@ -168,11 +218,16 @@ def main() -> None:
     rows = measure(args.seconds)
     flush = next(row["flush_ms"] for row in rows if "flush_ms" in row) / 1e3
     bound = 1 / (2 * flush)
-    print(f"{'backend':52} {'1 thread':>10} {'8 threads':>10} {'8 vs 1':>7}")
+    print(f"{'backend':52} {'1 thread':>10} {'8 threads':>10} {'8 vs 1':>7} {'4 procs x 2':>12}")
     for row in rows:
         if "one_thread" in row:
             ratio = row["eight_threads"] / row["one_thread"]
-            print(f"{row['backend']:52} {row['one_thread']:10,.0f} {row['eight_threads']:10,.0f} {ratio:7.2f}")
+            procs = row.get("four_processes_of_two_threads")
+            spread = "-" if procs is None else f"{procs:,.0f}"
+            print(
+                f"{row['backend']:52} {row['one_thread']:10,.0f} {row['eight_threads']:10,.0f} {ratio:7.2f} "
+                f"{spread:>12}"
+            )
     full = next(row for row in rows if row["backend"].startswith("SQLite (WAL, synchronous=FULL"))
     print(
         f"\nthis disk's flush: {flush * 1e3:.3f} ms; one thread waiting for two flushes a pair can do at most "
