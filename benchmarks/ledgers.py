@@ -31,59 +31,48 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from llm402.budget import Caps, Hold, open_ledger
+from llm402.budget import Caps, Hold, Ledger, open_ledger
+
+
+def count_pairs(ledger: Ledger, threads: int, seconds: float) -> int:
+    """Run ``threads`` threads doing reserve + settle on ``ledger`` for ``seconds``; the pairs they completed."""
+    caps = Caps(daily=10**15, total=10**15, global_=10**15)
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def work(index: int) -> None:
+        while time.perf_counter() < stop:
+            call = uuid.uuid4().hex
+            ledger.reserve(Hold(call, f"bench-{index % 2}", day, 10, time.time() + 900), caps)
+            ledger.settle(call, 7, None)
+            done[index] += 1
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in pool:
+        worker.start()
+    for worker in pool:
+        worker.join()
+    return sum(done)
 
 
 def ledger_ops(url: str, threads: int, seconds: float = 1.5) -> float:
     """reserve + settle pairs per second, ``threads`` threads sharing one ledger object."""
     ledger = open_ledger(url)
-    caps = Caps(daily=10**15, total=10**15, global_=10**15)
-    day = time.strftime("%Y-%m-%d", time.gmtime())
-    done = [0] * threads
-    stop = time.perf_counter() + seconds
-
-    def work(index: int) -> None:
-        while time.perf_counter() < stop:
-            call = uuid.uuid4().hex
-            ledger.reserve(Hold(call, f"bench-{index % 2}", day, 10, time.time() + 900), caps)
-            ledger.settle(call, 7, None)
-            done[index] += 1
-
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     started = time.perf_counter()
-    for worker in pool:
-        worker.start()
-    for worker in pool:
-        worker.join()
+    pairs = count_pairs(ledger, threads, seconds)
     elapsed = time.perf_counter() - started
     ledger.close()
-    return sum(done) / elapsed
+    return pairs / elapsed
 
 
 def _process_pairs(url: str, threads: int, seconds: float, ready: Any, start: Any, results: Any) -> None:
     """One process of `ledger_ops_in_processes`: open the ledger, wait for the start, count pairs for ``seconds``."""
     ledger = open_ledger(url)
-    caps = Caps(daily=10**15, total=10**15, global_=10**15)
-    day = time.strftime("%Y-%m-%d", time.gmtime())
-    done = [0] * threads
     ready.put(True)
     start.wait()
-    stop = time.perf_counter() + seconds
-
-    def work(index: int) -> None:
-        while time.perf_counter() < stop:
-            call = uuid.uuid4().hex
-            ledger.reserve(Hold(call, f"bench-{index % 2}", day, 10, time.time() + 900), caps)
-            ledger.settle(call, 7, None)
-            done[index] += 1
-
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for worker in pool:
-        worker.start()
-    for worker in pool:
-        worker.join()
+    results.put(count_pairs(ledger, threads, seconds))
     ledger.close()
-    results.put(sum(done))
 
 
 def ledger_ops_in_processes(url: str, processes: int, threads: int, seconds: float = 1.5) -> float:
