@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -432,15 +432,26 @@ class Engine:
         self, flow: Generator[Effect, Any, None], value: Any = None, error: BaseException | None = None
     ) -> IOEffect | None:
         """Resume ``flow`` and run it until it needs HTTP (`Send`, `Deliver`, `Answer`) or ends (``None``)."""
+        return cast("IOEffect | None", self.run_until(flow, value, error))
+
+    def run_until(
+        self,
+        flow: Generator[Effect, Any, None],
+        value: Any = None,
+        error: BaseException | None = None,
+        pause: Callable[[Effect], bool] | None = None,
+    ) -> Effect | None:
+        """`advance`, also stopping before an effect ``pause`` picks: it is returned unperformed (the async driver
+        performs the effects that may block on a worker thread)."""
         while True:
             try:
                 effect = flow.throw(error) if error is not None else flow.send(value)
             except StopIteration:
                 return None
             value, error = None, None
-            if isinstance(effect, _IO_EFFECTS):
+            if isinstance(effect, _IO_EFFECTS) or (pause is not None and pause(effect)):
                 return effect
             try:
                 value = self.perform(effect)
-            except Exception as exc:
+            except Exception as exc:  # the flow decides what a failed effect means
                 error = exc

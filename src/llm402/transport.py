@@ -616,21 +616,10 @@ async def _advance_async(engine: Engine, flows: list[Flow], value: Any = None) -
     signer, a receipt nobody listens to) are performed on the loop, so the common call spends no thread hop; from
     the first effect that may block (`Engine.blocks`), the rest of the step runs on a worker thread."""
     flow = flows[0]
-    error: BaseException | None = None
-    while True:
-        try:
-            effect = flow.throw(error) if error is not None else flow.send(value)
-        except StopIteration:
-            return None
-        value, error = None, None
-        if isinstance(effect, _HTTP_EFFECTS):
-            return effect
-        if engine.blocks(effect):
-            return await _step(engine, flows, partial(_perform_and_advance, engine, flow, effect))
-        try:
-            value = engine.perform(effect)
-        except Exception as exc:  # as `Engine.advance`: the flow decides what a failed effect means
-            error = exc
+    effect = engine.run_until(flow, value, pause=engine.blocks)
+    if effect is None or isinstance(effect, _HTTP_EFFECTS):
+        return effect
+    return await _step(engine, flows, partial(_perform_and_advance, engine, flow, effect))
 
 
 _HTTP_EFFECTS = (Send, Deliver, Answer)
