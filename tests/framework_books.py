@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from llm402 import Gateway, Wallet
+from llm402 import Gateway, Policy, Wallet
 from llm402.receipts import Receipt
+from llm402.sandbox import SandboxServer
 from sandbox_view import FUNDS, SandboxView
 
 
@@ -21,3 +22,13 @@ def check_books(view: SandboxView, wallet: Wallet, gateways: list[Gateway], mode
     charged = FUNDS - view.balance(wallet.address)
     assert sum(r.cost for r in receipts) == charged > 0
     return charged
+
+
+def capped_gateway(sandbox: SandboxServer, wallet: Wallet) -> Gateway:
+    """A gateway to the sandbox's upto route whose daily cap ($0.000001) refuses any call before it is paid."""
+    return Gateway(
+        f"{sandbox.url}/upto/v1",
+        wallet=wallet,
+        ledger="memory://",
+        policy=Policy(max_payment_usd="1", daily_cap_usd="0.000001"),
+    )

@@ -14,7 +14,7 @@ import pytest
 from litellm import RetryPolicy
 from litellm.integrations.custom_logger import CustomLogger
 
-from framework_books import check_books, paid
+from framework_books import capped_gateway, check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.litellm import async_openai_client, cost_reporting_client, openai_client
@@ -133,12 +133,7 @@ def test_an_unchanged_client_keeps_litellms_own_cost(sandbox: SandboxServer, vie
 def test_a_cap_refusal_is_typed_num_retries_retries_it_retry_policy_does_not(
     sandbox: SandboxServer, view: SandboxView, wallet: Wallet
 ) -> None:
-    gw = Gateway(
-        f"{sandbox.url}/upto/v1",
-        wallet=wallet,
-        ledger="memory://",
-        policy=Policy(max_payment_usd="1", daily_cap_usd="0.000001"),
-    )
+    gw = capped_gateway(sandbox, wallet)
     client = openai_client(gw)
     with pytest.raises(litellm.APIError) as caught:
         tool_loop(client=client, num_retries=2)

@@ -12,7 +12,7 @@ import anthropic
 import httpx
 import pytest
 
-from framework_books import check_books, paid
+from framework_books import capped_gateway, check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet, current_receipt
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.pricing import ModelPrice
@@ -100,12 +100,7 @@ def test_a_key_based_gateway_takes_the_key_as_auth_token(sandbox: SandboxServer,
 def test_a_cap_refusal_is_typed_and_not_retried(
     sandbox: SandboxServer, view: SandboxView, wallet: Wallet, stream: bool
 ) -> None:
-    gw = Gateway(
-        f"{sandbox.url}/upto/v1",
-        wallet=wallet,
-        ledger="memory://",
-        policy=Policy(max_payment_usd="1", daily_cap_usd="0.000001"),
-    )
+    gw = capped_gateway(sandbox, wallet)
     client = client_of(gw, max_retries=3)
     with pytest.raises(anthropic.APIStatusError) as caught:
         tool_loop(client, stream)

@@ -10,7 +10,7 @@ import openai
 import pytest
 from agents import Agent, ModelSettings, Runner, function_tool, set_tracing_disabled
 
-from framework_books import check_books, paid
+from framework_books import capped_gateway, check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.openai_agents import GatewayCostHooks, chat_completions_model, responses_model
@@ -85,12 +85,7 @@ async def test_a_chat_stream_that_did_not_ask_for_usage_is_left_without_it(
 async def test_a_cap_refusal_is_typed_and_not_retried(
     sandbox: SandboxServer, view: SandboxView, wallet: Wallet, kind: str, streamed: bool
 ) -> None:
-    gw = Gateway(
-        f"{sandbox.url}/upto/v1",
-        wallet=wallet,
-        ledger="memory://",
-        policy=Policy(max_payment_usd="1", daily_cap_usd="0.000001"),
-    )
+    gw = capped_gateway(sandbox, wallet)
     agent = weather_agent(BUILDERS[kind](gw, "sandbox/small", max_retries=3))
     hooks = GatewayCostHooks()
     with pytest.raises(openai.APIStatusError) as caught:

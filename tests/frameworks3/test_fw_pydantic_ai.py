@@ -13,7 +13,7 @@ import pytest
 from pydantic_ai import Agent, CostNotFoundWarning, UsageLimitExceeded, UsageLimits
 from pydantic_ai.exceptions import ModelHTTPError
 
-from framework_books import check_books, paid
+from framework_books import capped_gateway, check_books, paid
 from llm402 import BudgetExceeded, Gateway, Policy, Wallet
 from llm402.errors_any import retryable, typed_error, typed_errors
 from llm402.pydantic_ai import chat_model, responses_model
@@ -112,12 +112,7 @@ async def test_an_unchanged_provider_gets_the_answer_unchanged(
 async def test_a_cap_refusal_is_typed_and_not_retried(
     sandbox: SandboxServer, view: SandboxView, wallet: Wallet, kind: str, stream: bool
 ) -> None:
-    gw = Gateway(
-        f"{sandbox.url}/upto/v1",
-        wallet=wallet,
-        ledger="memory://",
-        policy=Policy(max_payment_usd="1", daily_cap_usd="0.000001"),
-    )
+    gw = capped_gateway(sandbox, wallet)
     agent = weather_agent(BUILDERS[kind](gw, "sandbox/small"))
     with pytest.raises(ModelHTTPError) as caught:
         await ask(agent, stream)
