@@ -682,7 +682,6 @@ def _own_settlement(payment: SignedPayment, settlement: Settlement | None) -> Se
     if settlement is None:
         return None
     settlement = bind_settlement(payment, settlement)  # an MPP Payment-Receipt answers this very credential
-    assert settlement is not None
     req = payment.requirement
     networks = {req.network, str(req.raw.get("network", req.network))}
     mismatch = (

@@ -837,10 +837,10 @@ def receipt_event_settlement(data: Mapping[str, Any]) -> Settlement:
     return Settlement(data.get("status") == "success", _opt_str(data.get("reference")), None, None, amount)
 
 
-def bind_settlement(payment: SignedPayment, settlement: Settlement | None) -> Settlement | None:
+def bind_settlement(payment: SignedPayment, settlement: Settlement) -> Settlement:
     """An MPP ``Payment-Receipt`` answers the credential sent with this very request and names no payer, network or
     asset: read it as this payment's (it cannot lower what an exact charge counts). Any other report is unchanged."""
-    if settlement is None or not payment.requirement.mpp or settlement.payer is not None:
+    if not payment.requirement.mpp or settlement.payer is not None:
         return settlement
     req = payment.requirement
     return replace(settlement, payer=payment.payer, network=req.network, asset=req.asset)
